@@ -1,0 +1,175 @@
+"""Prompt set x seeds -> images: batched, deterministic per (prompt, seed), resumable.
+
+Each image's initial latent is drawn from ``torch.Generator().manual_seed(seed)`` alone, and the
+sampler is deterministic (DDIM, eta 0), so an image depends only on its prompt and seed, not on
+which batch or process produced it. A run directory holds ``images/*.png`` and ``index.jsonl``
+(one record per image: prompt, seed, path and any metadata of the item); re-running skips the
+images already written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from erasekit.io import atomic_path
+
+INDEX = "index.jsonl"
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One image to make: a prompt, a seed, and metadata carried into the index (e.g. its class)."""
+
+    prompt: str
+    seed: int
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        """Stable file stem for (prompt, seed)."""
+        h = hashlib.sha1(f"{self.prompt}\x00{self.seed}".encode()).hexdigest()[:10]
+        return f"s{self.seed}-{h}"
+
+
+@dataclass
+class SamplingConfig:
+    """Sampler settings; ``None`` takes the pipeline's defaults (the miniature stores its own)."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    batch_size: int = 25
+    height: int | None = None
+    width: int | None = None
+
+    def resolved(self, pipe) -> SamplingConfig:
+        """A copy with every ``None`` filled from the pipeline's defaults."""
+        d = sampling_defaults(pipe)
+        return SamplingConfig(
+            steps=self.steps or d["steps"],
+            guidance_scale=self.guidance_scale if self.guidance_scale is not None else d["guidance_scale"],
+            batch_size=self.batch_size,
+            height=self.height or d["height"],
+            width=self.width or d["width"],
+        )
+
+
+def sampling_defaults(pipe) -> dict[str, Any]:
+    """The pipeline's sampling defaults: the miniature's ``erasekit_world.json``, else SD's 50 steps, 7.5."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = {"steps": 50, "guidance_scale": 7.5, "height": size, "width": size}
+    root = getattr(pipe, "_erasekit_base", {}).get("path")
+    if root and (Path(root) / "erasekit_world.json").exists():
+        cfg = json.loads((Path(root) / "erasekit_world.json").read_text())
+        out.update(steps=cfg["sample_steps"], guidance_scale=cfg["guidance_scale"])
+    return out
+
+
+def initial_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+    """(B, C, h, w) starting noise, each row from its own seed."""
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    lat = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.cat(lat).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+
+
+@torch.no_grad()
+def generate_images(
+    pipe,
+    prompts: Sequence[str] | None,
+    seeds: Sequence[int],
+    config: SamplingConfig | None = None,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Images (uint8, (N, H, W, 3)) for ``prompts`` (or precomputed ``prompt_embeds``) and ``seeds``."""
+    cfg = (config or SamplingConfig()).resolved(pipe)
+    n = len(seeds)
+    if prompts is not None and len(prompts) != n:
+        raise ValueError(f"Got {len(prompts)} prompts but {n} seeds; give one seed per prompt.")
+    if (prompts is None) == (prompt_embeds is None):
+        raise ValueError("Pass exactly one of `prompts` and `prompt_embeds`.")
+    out = []
+    for s in tqdm(range(0, n, cfg.batch_size), desc="generate", disable=not progress, unit="batch"):
+        sl = slice(s, s + cfg.batch_size)
+        kwargs: dict[str, Any] = {}
+        if prompts is not None:
+            kwargs["prompt"] = list(prompts[sl])
+        else:
+            kwargs["prompt_embeds"] = prompt_embeds[sl].to(pipe.unet.device, pipe.unet.dtype)
+            kwargs["negative_prompt_embeds"] = None
+        res = pipe(
+            **kwargs,
+            latents=initial_latents(pipe, seeds[sl], cfg.height, cfg.width),
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
+            height=cfg.height,
+            width=cfg.width,
+            output_type="np",
+        )
+        out.append((np.clip(res.images, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return np.concatenate(out) if out else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
+
+
+def read_index(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Records of ``index.jsonl`` whose image file exists (a crash mid-batch leaves none dangling)."""
+    path = Path(run_dir) / INDEX
+    if not path.exists():
+        return []
+    recs = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if (Path(run_dir) / r["path"]).exists():
+                recs.append(r)
+    return recs
+
+
+def generate(
+    pipe,
+    items: Iterable[PromptItem],
+    out_dir: str | Path,
+    config: SamplingConfig | None = None,
+    *,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Generate every item into ``out_dir/images`` and index it; skips items already written.
+
+    Returns the index records in the order of ``items``.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    items = list(items)
+    done = {(r["prompt"], r["seed"]): r for r in read_index(out)}
+    todo = [it for it in items if (it.prompt, it.seed) not in done]
+    cfg = (config or SamplingConfig()).resolved(pipe)
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="img", disable=not progress)
+    with open(out / INDEX, "a", encoding="utf-8") as index:
+        for s in range(0, len(todo), cfg.batch_size):
+            batch = todo[s : s + cfg.batch_size]
+            imgs = generate_images(pipe, [b.prompt for b in batch], [b.seed for b in batch], cfg)
+            for it, img in zip(batch, imgs, strict=True):
+                rel = f"images/{it.key}.png"
+                with atomic_path(out / rel) as tmp:
+                    Image.fromarray(img).save(tmp, format="PNG")
+                rec = {"prompt": it.prompt, "seed": it.seed, "path": rel, **it.meta}
+                index.write(json.dumps(rec, sort_keys=True) + "\n")
+                done[(it.prompt, it.seed)] = rec
+            index.flush()
+            bar.update(len(batch))
+    bar.close()
+    return [done[(it.prompt, it.seed)] for it in items]
+
+
+def load_images(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Read the images of ``records`` as uint8 (N, H, W, 3)."""
+    return np.stack([np.asarray(Image.open(Path(run_dir) / r["path"]).convert("RGB")) for r in records])

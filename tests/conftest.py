@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+from erasekit.testing import save_tiny_pipeline, tiny_pipeline
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_pipe():
+    """A random-weight tiny SD pipeline (fresh per test, so tests may modify it)."""
+    return tiny_pipeline(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory):
+    """A tiny SD pipeline saved as a diffusers folder."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd")
