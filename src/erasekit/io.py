@@ -54,3 +54,14 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"Object of type {type(o).__name__} is not JSON serialisable")
+
+
+def file_digest(path: str | Path, n: int = 12) -> str:
+    """First ``n`` hex digits of a file's SHA-256 (detector and model versions)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n]

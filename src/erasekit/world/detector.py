@@ -32,7 +32,7 @@ def _default_heads() -> dict[str, list[str]]:
 class DetectorConfig:
     """Architecture of :class:`ShapesDetector`; saved beside its weights."""
 
-    channels: tuple[int, ...] = (32, 64, 128)
+    channels: tuple[int, ...] = (16, 32, 64)
     image_size: int = 32
     heads: dict[str, list[str]] = field(default_factory=_default_heads)
 

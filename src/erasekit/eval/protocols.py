@@ -1,0 +1,129 @@
+"""Named evaluation protocols: a prompt set, fixed seeds, a detector and the papers' metrics.
+
+``shapes-objects`` is the miniature of the Adversarial Preservation paper's Imagenette task
+(section 5.1): every object class is prompted ``n_per_class`` times ("a {colour} {object}",
+colours cycling, seeds ``seed .. seed + n - 1`` for every class); ESR-k is computed over the erased
+classes and PSR-k over the preserved ones with the miniature detector's object head.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from erasekit.eval.detectors import Detector, load_detector
+from erasekit.eval.generate import PromptItem, SamplingConfig, generate, generate_images, load_images
+from erasekit.eval.metrics import _in_topk, esr_k, psr_k
+from erasekit.world.shapes import COLOURS, OBJECTS
+
+ProtocolFn = Callable[..., dict[str, Any]]
+PROTOCOLS: dict[str, ProtocolFn] = {}
+
+
+def register_protocol(name: str) -> Callable[[ProtocolFn], ProtocolFn]:
+    """Register an evaluation protocol under ``name``."""
+
+    def deco(fn: ProtocolFn) -> ProtocolFn:
+        PROTOCOLS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_protocol(name: str) -> ProtocolFn:
+    """Look a protocol up by name, with a helpful error."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {name!r}; available: {', '.join(sorted(PROTOCOLS))}.")
+    return PROTOCOLS[name]
+
+
+def object_prompts(classes: Sequence[str] = OBJECTS, n_per_class: int = 50, seed: int = 0) -> list[PromptItem]:
+    """"a {colour} {object}" for every class, colours cycling, the same seeds for every class."""
+    colours = list(COLOURS)
+    items = []
+    for c in classes:
+        if c not in OBJECTS:
+            raise ValueError(f"Unknown object {c!r}; the miniature's objects are {', '.join(OBJECTS)}.")
+        for i in range(n_per_class):
+            colour = colours[i % len(colours)]
+            items.append(PromptItem(f"a {colour} {c}", seed + i, {"concept": c, "label": OBJECTS.index(c), "colour": colour}))
+    return items
+
+
+def images_for(
+    pipe, items: list[PromptItem], out_dir: str | Path | None, sampling: SamplingConfig | None, progress: bool
+) -> np.ndarray:
+    """Generate ``items`` (into ``out_dir`` if given, resumable) and return their images in order."""
+    if out_dir is None:
+        return generate_images(pipe, [i.prompt for i in items], [i.seed for i in items], sampling, progress=progress)
+    records = generate(pipe, items, out_dir, sampling, progress=progress)
+    return load_images(out_dir, records)
+
+
+def topk_table(probs: np.ndarray, labels: np.ndarray, concepts: Sequence[str], ks: Sequence[int] = (1, 3)) -> dict[str, dict[str, float]]:
+    """Per-concept top-k hit rates: ``{concept: {"top1": .., "top3": ..}}``."""
+    table: dict[str, dict[str, float]] = {}
+    concepts = np.asarray(concepts)
+    for c in dict.fromkeys(concepts.tolist()):
+        m = concepts == c
+        table[c] = {f"top{k}": float(_in_topk(probs[m], labels[m], k).mean()) for k in ks}
+    return table
+
+
+@register_protocol("shapes-objects")
+def shapes_objects(
+    pipe,
+    *,
+    erase: Sequence[str] = (),
+    preserve: Sequence[str] | None = None,
+    n_per_class: int = 50,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    sampling: SamplingConfig | None = None,
+    detector: Detector | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """ESR-1/3 over ``erase`` and PSR-1/3 over ``preserve`` (default: every other object) on the miniature."""
+    unknown = sorted(set(erase) - set(OBJECTS))
+    if unknown:
+        raise ValueError(f"`erase` has {unknown}, which are not miniature objects ({', '.join(OBJECTS)}).")
+    preserve = [c for c in OBJECTS if c not in erase] if preserve is None else list(preserve)
+    t0 = time.time()
+    items = object_prompts(OBJECTS, n_per_class, seed)
+    images = images_for(pipe, items, out_dir, sampling, progress)
+    det = detector or load_detector("shapes")
+    probs = det.predict(images)
+    labels = np.array([it.meta["label"] for it in items])
+    concepts = [it.meta["concept"] for it in items]
+    obj = probs["object"]
+    per_class = topk_table(obj, labels, concepts)
+    colour_labels = np.array([list(COLOURS).index(it.meta["colour"]) for it in items])
+    er = np.isin(concepts, list(erase))
+    pr = np.isin(concepts, list(preserve))
+    res: dict[str, Any] = {
+        "protocol": "shapes-objects",
+        "erase": list(erase),
+        "preserve": preserve,
+        "n_per_class": n_per_class,
+        "seed": seed,
+        "per_class": per_class,
+        "object_top1_all": float(_in_topk(obj, labels, 1).mean()),
+        "colour_top1_all": float(_in_topk(probs["colour"], colour_labels, 1).mean()),
+        "detector": {"name": det.name, "version": det.version},
+        "sampling": asdict((sampling or SamplingConfig()).resolved(pipe)),
+        "seconds": round(time.time() - t0, 2),
+    }
+    for k in (1, 3):
+        res[f"esr_{k}"] = esr_k(obj[er], labels[er], k) if er.any() else None
+        res[f"psr_{k}"] = psr_k(obj[pr], labels[pr], k) if pr.any() else None
+    return res
+
+
+def evaluate(pipe, protocol: str = "shapes-objects", **kwargs: Any) -> dict[str, Any]:
+    """Run the named protocol on ``pipe``; see each protocol for its keyword arguments."""
+    return get_protocol(protocol)(pipe, **kwargs)
