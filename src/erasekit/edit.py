@@ -22,6 +22,7 @@ from erasekit.pipeline import base_info
 
 EDIT_TENSORS = "edit.safetensors"
 EDIT_META = "edit.json"
+EDIT_AUX = "edit_aux.safetensors"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class Edit:
     version: str = field(default_factory=_version)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     trace: dict[str, Any] = field(default_factory=dict)
+    # Tensors kept with the edit that are not model parameters (e.g. RECE's derived embeddings);
+    # never applied, saved to ``edit_aux.safetensors``.
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ applying
     def check_base(self, pipe) -> None:
@@ -101,6 +105,7 @@ class Edit:
             "created": self.created,
             "trace": self.trace,
             "parameters": {k: list(v.shape) for k, v in sorted(self.tensors.items())},
+            **({"aux": {k: list(v.shape) for k, v in sorted(self.aux.items())}} if self.aux else {}),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -108,6 +113,10 @@ class Edit:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(self.tensors, d / EDIT_TENSORS, metadata={"method": self.method})
+        if self.aux:
+            save_safetensors_atomic(self.aux, d / EDIT_AUX, metadata={"method": self.method})
+        else:
+            (d / EDIT_AUX).unlink(missing_ok=True)
         write_json_atomic(d / EDIT_META, self.metadata())
         return d
 
@@ -127,6 +136,7 @@ class Edit:
             version=meta["version"],
             created=meta["created"],
             trace=meta.get("trace", {}),
+            aux=load_file(d / EDIT_AUX) if (d / EDIT_AUX).exists() else {},
         )
 
 

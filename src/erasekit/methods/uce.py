@@ -106,14 +106,16 @@ def closed_form_edit(
     erase_target: torch.Tensor,
     preserve: torch.Tensor,
     config: UCEConfig,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Apply :func:`uce_closed_form` to every cross-attention projection of ``pipe``'s current
-    weights; returns the new tensors by parameter name."""
+    weights (or, for a name in ``weights``, to that tensor instead: RECE edits its own running
+    copy); returns the new tensors by parameter name."""
     out: dict[str, torch.Tensor] = {}
     for mod_name, attn in cross_attention_modules(pipe.unet).items():
         for proj in config.projections:
             name = f"unet.{mod_name}.{proj}.weight"
-            w_old = getattr(attn, proj).weight.detach()
+            w_old = weights[name] if weights is not None and name in weights else getattr(attn, proj).weight.detach()
             w_new = uce_closed_form(
                 w_old,
                 erase_in.to(w_old.device),
