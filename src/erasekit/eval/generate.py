@@ -120,15 +120,22 @@ def generate_images(
     return np.concatenate(out) if out else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
 
 
-def read_index(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Records of ``index.jsonl`` whose image file exists (a crash mid-batch leaves none dangling)."""
-    path = Path(run_dir) / INDEX
+def read_index(run_dir: str | Path, name: str = INDEX) -> list[dict[str, Any]]:
+    """Records of ``index.jsonl`` (or the index file ``name``) whose image file exists (a crash
+    mid-batch leaves none dangling; a last line cut short by a crash is ignored)."""
+    path = Path(run_dir) / name
     if not path.exists():
         return []
     recs = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
         if line.strip():
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # truncated by a crash while writing: that image is redone
+                    continue
+                raise
             if (Path(run_dir) / r["path"]).exists():
                 recs.append(r)
     return recs
@@ -141,19 +148,21 @@ def generate(
     config: SamplingConfig | None = None,
     *,
     progress: bool = True,
+    index_name: str = INDEX,
 ) -> list[dict[str, Any]]:
     """Generate every item into ``out_dir/images`` and index it; skips items already written.
 
-    Returns the index records in the order of ``items``.
+    Returns the index records in the order of ``items``. ``index_name`` picks the index file (each
+    process of a multi-process run writes its own, see :mod:`erasekit.eval.distributed`).
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     items = list(items)
-    done = {(r["prompt"], r["seed"]): r for r in read_index(out)}
+    done = {(r["prompt"], r["seed"]): r for r in read_index(out, index_name)}
     todo = [it for it in items if (it.prompt, it.seed) not in done]
     cfg = (config or SamplingConfig()).resolved(pipe)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="img", disable=not progress)
-    with open(out / INDEX, "a", encoding="utf-8") as index:
+    with open(out / index_name, "a", encoding="utf-8") as index:
         for s in range(0, len(todo), cfg.batch_size):
             batch = todo[s : s + cfg.batch_size]
             imgs = generate_images(pipe, [b.prompt for b in batch], [b.seed for b in batch], cfg)

@@ -1,0 +1,153 @@
+import pytest
+import torch
+
+import erasekit
+from erasekit.edit import Edit, EraseRequest, get_parameter
+from erasekit.eval.generate import SamplingConfig, generate_images
+from erasekit.methods.rece import (
+    DERIVED_KEY,
+    RECEConfig,
+    derive_embedding,
+    derived_prompt_embeds,
+    kv_parameter_names,
+    rece_checkpoint,
+)
+from erasekit.methods.uce import aligned_token_embeddings
+from erasekit.pipeline import last_token_index, load_pipeline
+
+
+def _eq7(w_old, w_new, c, cp, lam):
+    return sum(((wn @ cp - wo @ c) ** 2).sum() for wo, wn in zip(w_old, w_new, strict=True)) + lam * (cp**2).sum()
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1, 1.0])
+def test_eq8_equals_least_squares_minimiser_of_eq7(lam):
+    g = torch.Generator().manual_seed(0)
+    d, outs = 5, (4, 6, 3)  # some W_i are wide (out < d): only the sum makes eq. 5 solvable
+    w_old = [torch.randn(o, d, generator=g, dtype=torch.float64) for o in outs]
+    w_new = [w + 0.5 * torch.randn(w.shape, generator=g, dtype=torch.float64) for w in w_old]
+    c = torch.randn(d, generator=g, dtype=torch.float64)
+    cp = derive_embedding(w_old, w_new, c, lam)
+    # eq. 7 is one stacked least-squares problem: [W_new_1; ...; sqrt(lam) I] c' ~ [W_old_1 c; ...; 0]
+    a = torch.cat([*w_new, lam**0.5 * torch.eye(d, dtype=torch.float64)])
+    b = torch.cat([*(wo @ c for wo in w_old), torch.zeros(d, dtype=torch.float64)])
+    ref = torch.linalg.lstsq(a, b[:, None]).solution[:, 0]
+    torch.testing.assert_close(cp, ref, rtol=1e-9, atol=1e-10)
+    f = _eq7(w_old, w_new, c, cp, lam)
+    for _ in range(5):  # and it is a minimum
+        assert _eq7(w_old, w_new, c, cp + 1e-3 * torch.randn(d, generator=g, dtype=torch.float64), lam) > f
+    # rows are mapped independently: a (2, 3, d) batch equals the per-vector solution
+    batch = torch.stack([torch.stack([c, 2 * c, -c])] * 2)
+    out = derive_embedding(w_old, w_new, batch, lam)
+    torch.testing.assert_close(out[1, 1], 2 * cp, rtol=1e-9, atol=1e-10)
+
+
+def test_eq8_without_edit_and_regulariser_is_identity():
+    g = torch.Generator().manual_seed(1)
+    w = [torch.randn(7, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    c = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(derive_embedding(w, w, c, 0.0), c)
+
+
+def test_rece_changes_only_cross_attention_kv_and_not_the_pipeline(tiny_pipe):
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    edit = erasekit.erase(tiny_pipe, EraseRequest(["triangle"], preserve=["square"]), method="rece", epochs=2, progress=False)
+    assert sorted(edit.tensors) == sorted(kv_parameter_names(tiny_pipe.unet))
+    for k, v in tiny_pipe.unet.state_dict().items():
+        assert torch.equal(v, before[k])
+    edit.apply_(tiny_pipe)
+    changed = {k for k, v in tiny_pipe.unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k.removeprefix("unet.") for k in edit.tensors}
+    assert edit.aux[DERIVED_KEY].shape == (3, 1, 77, 32)  # epochs + 1 derivations, 1 prompt
+
+
+def _residual(pipe, w_new: dict, c_new, c):
+    num = den = 0.0
+    for name, wn in w_new.items():
+        wo = get_parameter(pipe, name).detach().double()
+        ref = c.double() @ wo.T
+        num += float(((c_new.double() @ wn.double().T - ref) ** 2).sum())
+        den += float((ref**2).sum())
+    return num / den
+
+
+def test_derived_embedding_regenerates_concept_kv_better_than_the_concept(tiny_pipe):
+    req = EraseRequest(["triangle"])
+    uce = rece_checkpoint(tiny_pipe, erasekit.erase(tiny_pipe, req, method="rece", epochs=2, progress=False), 0)
+    w_orig = {k: get_parameter(tiny_pipe, k).detach() for k in uce.tensors}
+    c, _ = aligned_token_embeddings(tiny_pipe, ["triangle"], [""])
+    c_der = derive_embedding([w_orig[k] for k in uce.tensors], list(uce.tensors.values()), c, 0.1)
+    raw = _residual(tiny_pipe, uce.tensors, c, c)  # the concept itself in the UCE model
+    der = _residual(tiny_pipe, uce.tensors, c_der, c)  # the derived embedding in the UCE model
+    assert raw > 0.01  # UCE did move the concept's keys/values
+    assert der < 0.5 * raw
+    # RECE then erases c'_0: in the final model it no longer reproduces the original K/V
+    rece = erasekit.erase(tiny_pipe, req, method="rece", epochs=2, progress=False)
+    c0 = rece.aux[DERIVED_KEY][0, 0]  # (77, D), all positions; compare on the erased slice
+    start = last_token_index(tiny_pipe, ["triangle"])[0]
+    torch.testing.assert_close(c0[start:], c_der, rtol=1e-4, atol=1e-5)
+    assert _residual(tiny_pipe, rece.tensors, c_der, c) > 2 * der
+    log = rece.trace["epochs_log"]
+    assert log[0]["residual_derived"] == pytest.approx(der, rel=1e-4)
+
+
+def test_epoch_zero_checkpoint_is_uce_and_last_checkpoint_is_the_edit(tiny_pipe):
+    req = EraseRequest(["star"], preserve=["heart"])
+    edit = erasekit.erase(tiny_pipe, req, method="rece", epochs=2, progress=False)
+    uce = erasekit.erase(tiny_pipe, req, method="uce", erase_scale=1.0, preserve_scale=0.1, lamb=0.1, progress=False)
+    ck0 = rece_checkpoint(tiny_pipe, edit, 0)
+    for k in uce.tensors:
+        torch.testing.assert_close(ck0.tensors[k], uce.tensors[k], rtol=0, atol=0)
+    ck2 = rece_checkpoint(tiny_pipe, edit, 2)
+    for k in edit.tensors:
+        assert torch.equal(ck2.tensors[k], edit.tensors[k])
+    with pytest.raises(ValueError, match="epoch"):
+        rece_checkpoint(tiny_pipe, edit, 3)
+
+
+def test_rece_is_deterministic(tiny_pipe):
+    r = EraseRequest(["triangle", "circle"], preserve=["square"])
+    a = erasekit.erase(tiny_pipe, r, method="rece", epochs=2, progress=False)
+    b = erasekit.erase(tiny_pipe, r, method="rece", epochs=2, progress=False)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert torch.equal(a.aux[DERIVED_KEY], b.aux[DERIVED_KEY])
+
+
+def test_save_load_roundtrip_and_generation_from_derived_embeddings(tiny_pipe_dir, tmp_path):
+    pipe = load_pipeline(tiny_pipe_dir)
+    edit = erasekit.erase(pipe, EraseRequest(["star"], anchor="circle"), method="rece", epochs=1, lamb_derive=1e-3)
+    edit.save(tmp_path / "e")
+    loaded = Edit.load(tmp_path / "e")
+    assert loaded.method == "rece" and loaded.config["lamb_derive"] == 1e-3 and loaded.config["epochs"] == 1
+    assert all(torch.equal(loaded.tensors[k], edit.tensors[k]) for k in edit.tensors)
+    assert torch.equal(loaded.aux[DERIVED_KEY], edit.aux[DERIVED_KEY])
+    assert set(loaded.tensors) == set(edit.tensors)  # the derived embeddings are not parameters
+    emb = derived_prompt_embeds(pipe, loaded, epoch=1, concept="star")
+    assert emb.shape == (1, 77, 32)
+    loaded.apply_(pipe)
+    imgs = generate_images(pipe, None, [0, 1], SamplingConfig(steps=2), prompt_embeds=emb.expand(2, -1, -1))
+    assert imgs.shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [({"epochs": 0}, "epochs"), ({"epochs": -2}, "epochs"), ({"epochs": 1.5}, "epochs"), ({"lamb_derive": -1.0}, "lamb_derive")],
+)
+def test_bad_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        RECEConfig(**overrides)
+
+
+def test_bad_derived_requests(tiny_pipe):
+    uce = erasekit.erase(tiny_pipe, EraseRequest(["star"]), method="uce", progress=False)
+    with pytest.raises(ValueError, match="rece"):
+        derived_prompt_embeds(tiny_pipe, uce, 0)
+    edit = erasekit.erase(tiny_pipe, EraseRequest(["star"]), method="rece", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="epoch"):
+        derived_prompt_embeds(tiny_pipe, edit, 2)
+    with pytest.raises(ValueError, match="concept"):
+        derived_prompt_embeds(tiny_pipe, edit, 0, concept="moon")
+    with pytest.raises(ValueError, match="equal length"):
+        derive_embedding([torch.eye(3)], [], torch.ones(3), 0.1)
+    with pytest.raises(ValueError, match="embedding size"):
+        derive_embedding([torch.eye(3)], [torch.eye(3)], torch.ones(4), 0.1)
