@@ -90,7 +90,9 @@ class RECEConfig:
         default_factory=lambda: ["{}"],
         metadata={"help": "prompt templates each concept is expanded with, e.g. ['{}', 'a picture of a {}']"},
     )
-    projections: tuple[str, ...] = field(default=("to_k", "to_v"), metadata={"help": "cross-attention projections to edit"})
+    projections: tuple[str, ...] = field(
+        default=("to_k", "to_v"), metadata={"help": "cross-attention projections to edit"}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs <= 0:
@@ -113,7 +115,9 @@ class RECEConfig:
         )
 
 
-def derivation_matrix(w_old_list: Sequence[torch.Tensor], w_new_list: Sequence[torch.Tensor], lamb: float) -> torch.Tensor:
+def derivation_matrix(
+    w_old_list: Sequence[torch.Tensor], w_new_list: Sequence[torch.Tensor], lamb: float
+) -> torch.Tensor:
     """The (D, D) matrix ``M`` of RECE eq. 8, ``c' = M c``, in float64:
     ``M = (lamb I + sum_i W_new_i^T W_new_i)^-1 (sum_i W_new_i^T W_old_i)``."""
     if len(w_old_list) != len(w_new_list) or not w_old_list:
@@ -128,7 +132,9 @@ def derivation_matrix(w_old_list: Sequence[torch.Tensor], w_new_list: Sequence[t
     b = torch.zeros(d, d, dtype=torch.float64, device=dev)
     for i, (wo, wn) in enumerate(zip(w_old_list, w_new_list, strict=True)):
         if wo.shape != wn.shape or wn.shape[1] != d:
-            raise ValueError(f"Matrix pair {i} has shapes {tuple(wo.shape)} and {tuple(wn.shape)}; expected equal (out, {d}).")
+            raise ValueError(
+                f"Matrix pair {i} has shapes {tuple(wo.shape)} and {tuple(wn.shape)}; expected equal (out, {d})."
+            )
         wn64, wo64 = wn.detach().double(), wo.detach().to(dev).double()
         a += wn64.T @ wn64
         b += wn64.T @ wo64
@@ -162,7 +168,9 @@ def kv_parameter_names(unet) -> list[str]:
 def kv_weights(unet) -> dict[str, torch.Tensor]:
     """The cross-attention K/V weights of ``unet`` by parameter name (detached views, not copies)."""
     return {
-        f"unet.{n}.{p}.weight": getattr(m, p).weight.detach() for n, m in cross_attention_modules(unet).items() for p in ("to_k", "to_v")
+        f"unet.{n}.{p}.weight": getattr(m, p).weight.detach()
+        for n, m in cross_attention_modules(unet).items()
+        for p in ("to_k", "to_v")
     }
 
 
@@ -247,7 +255,9 @@ def _run(pipe, request: EraseRequest, config: RECEConfig, epochs: int, progress:
     )
 
 
-@register("rece", RECEConfig, "RECE: UCE, then derive (eq. 8) and erase the embeddings that still regenerate the concept")
+@register(
+    "rece", RECEConfig, "RECE: UCE, then derive (eq. 8) and erase the embeddings that still regenerate the concept"
+)
 @torch.no_grad()
 def erase_rece(pipe, request: EraseRequest, config: RECEConfig, *, generator=None, progress: bool = True) -> Edit:
     """Erase ``request.erase`` with RECE (Algorithm 1; eqs. 3 and 8); the pipeline is left unchanged.
@@ -260,7 +270,9 @@ def erase_rece(pipe, request: EraseRequest, config: RECEConfig, *, generator=Non
 
 def _check_rece(edit: Edit) -> torch.Tensor:
     if edit.method != "rece" or DERIVED_KEY not in edit.aux:
-        raise ValueError(f"Expected an edit made by method 'rece' (with derived embeddings), got method {edit.method!r}.")
+        raise ValueError(
+            f"Expected an edit made by method 'rece' (with derived embeddings), got method {edit.method!r}."
+        )
     return edit.aux[DERIVED_KEY]
 
 
@@ -285,7 +297,9 @@ def derived_prompt_embeds(pipe, edit: Edit, epoch: int, concept: int | str = 0) 
         elif concept in edit.request.erase:
             idx = edit.request.erase.index(concept) * (len(prompts) // len(edit.request.erase))
         else:
-            raise ValueError(f"`concept` {concept!r} is not among the erased prompts {prompts} or concepts {edit.request.erase}.")
+            raise ValueError(
+                f"`concept` {concept!r} is not among the erased prompts {prompts} or concepts {edit.request.erase}."
+            )
     else:
         idx = int(concept)
         if not 0 <= idx < table.shape[1]:
@@ -311,5 +325,7 @@ def rece_checkpoint(pipe, edit: Edit, epoch: int, *, progress: bool = False) -> 
     out = _run(pipe, edit.request, cfg, epoch, progress)
     mine = out.aux[DERIVED_KEY]
     if not torch.allclose(mine, table[: epoch + 1].to(mine), rtol=1e-4, atol=1e-5):
-        raise ValueError("Recomputed derived embeddings differ from the edit's: was it made with another erasekit version?")
+        raise ValueError(
+            "Recomputed derived embeddings differ from the edit's: was it made with another erasekit version?"
+        )
     return replace(out, trace={**out.trace, "checkpoint_of": {"epochs": total, "created": edit.created}})
