@@ -39,7 +39,6 @@ def load_image_processor(path: str | os.PathLike, **kwargs: Any):
     """The CLIP image processor saved in ``path`` (the PIL backend when torchvision is not installed)."""
     try:
         import torchvision  # noqa: F401
-
         from transformers import CLIPImageProcessor as Processor
     except ImportError:  # transformers 5 warns and falls back to this class without torchvision
         try:
@@ -57,7 +56,9 @@ def check_images(images: np.ndarray) -> np.ndarray:
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"`images` must be uint8 (N, H, W, 3), got shape {images.shape}.")
     if images.dtype != np.uint8:
-        raise ValueError(f"`images` must be uint8 in [0, 255], got dtype {images.dtype}; convert with (x*255).astype(np.uint8).")
+        raise ValueError(
+            f"`images` must be uint8 in [0, 255], got dtype {images.dtype}; convert with (x*255).astype(np.uint8)."
+        )
     return images
 
 
@@ -113,7 +114,9 @@ class ClipScorer:
         elif Path(name).expanduser().exists():
             path = Path(name).expanduser()
             if not (path / "config.json").exists():
-                raise ValueError(f"`clip` {name!r} is not a CLIP folder (no config.json); pass a CLIPModel.save_pretrained folder.")
+                raise ValueError(
+                    f"`clip` {name!r} is not a CLIP folder (no config.json); pass a CLIPModel.save_pretrained folder."
+                )
             source = str(path)
         else:
             source = name
@@ -190,7 +193,9 @@ class ClipScorer:
         if len(texts) == 1 and len(images) != 1:
             texts = texts * len(images)
         if len(texts) != len(images):
-            raise ValueError(f"Got {len(images)} images but {len(texts)} texts; give one text per image, or one text for all.")
+            raise ValueError(
+                f"Got {len(images)} images but {len(texts)} texts; give one text per image, or one text for all."
+            )
         img = self.embed_images(images)  # (N, D)
         txt = self.embed_texts(texts)  # (N, D)
         cos = (img.double() * txt.double()).sum(-1)

@@ -65,7 +65,9 @@ class ClipRecipe:
     projection_dim: int = field(default=64, metadata={"help": "Joint embedding size."})
     steps: int = field(default=3000, metadata={"help": "Optimizer steps."})
     batch: int = field(default=256, metadata={"help": "Image-caption pairs per step."})
-    lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."})
+    lr: float = field(
+        default=1e-3, metadata={"help": "Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."}
+    )
     warmup: int = field(default=200, metadata={"help": "Warm-up steps."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     augment: bool = field(default=True, metadata={"help": "Blur, noise and shift images like generated ones."})
@@ -82,7 +84,10 @@ class ClipRecipe:
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay}.")
         if self.image_size % self.patch_size:
             raise ValueError(f"`image_size` ({self.image_size}) must be divisible by `patch_size` ({self.patch_size}).")
-        for w, h, name in ((self.vision_hidden, self.vision_heads, "vision"), (self.text_hidden, self.text_heads, "text")):
+        for w, h, name in (
+            (self.vision_hidden, self.vision_heads, "vision"),
+            (self.text_hidden, self.text_heads, "text"),
+        ):
             if w % h:
                 raise ValueError(f"`{name}_hidden` ({w}) must be divisible by `{name}_heads` ({h}).")
         if self.batch < 2:
@@ -222,7 +227,12 @@ def train_clip(
 
     Returns the contents of ``erasekit_clip.json``.
     """
-    from erasekit.world.train import HELDOUT_SEED_OFFSET, load_optimizer_state_tensors, load_or_make_data, optimizer_state_tensors
+    from erasekit.world.train import (
+        HELDOUT_SEED_OFFSET,
+        load_optimizer_state_tensors,
+        load_or_make_data,
+        optimizer_state_tensors,
+    )
 
     recipe = recipe or ClipRecipe()
     if steps is not None:
@@ -244,7 +254,8 @@ def train_clip(
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
     )
 
     # 3. Resume.
@@ -252,7 +263,11 @@ def train_clip(
     if (ck / "state.json").exists():
         st = json.loads((ck / "state.json").read_text())
         saved = ClipRecipe(**st["recipe"])
-        if {**asdict(saved), "steps": 0, "checkpoint_every": 0} != {**asdict(recipe), "steps": 0, "checkpoint_every": 0}:
+        if {**asdict(saved), "steps": 0, "checkpoint_every": 0} != {
+            **asdict(recipe),
+            "steps": 0,
+            "checkpoint_every": 0,
+        }:
             raise ValueError(
                 f"The checkpoint in {ck} was made with a different recipe; remove that folder or use the same settings. "
                 f"Saved: {asdict(saved)}."
@@ -289,10 +304,19 @@ def train_clip(
             model.logit_scale.clamp_(0.0, math.log(100.0))  # CLIP's cap on the temperature
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            log.append({"step": step + 1, "loss": loss.item(), "logit_scale": model.logit_scale.exp().item(), "elapsed_s": time.time() - t0})
+            log.append(
+                {
+                    "step": step + 1,
+                    "loss": loss.item(),
+                    "logit_scale": model.logit_scale.exp().item(),
+                    "elapsed_s": time.time() - t0,
+                }
+            )
         if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == steps:
             ck.mkdir(parents=True, exist_ok=True)
-            save_safetensors_atomic({k: v.contiguous() for k, v in model.state_dict().items()}, ck / "model.safetensors")
+            save_safetensors_atomic(
+                {k: v.contiguous() for k, v in model.state_dict().items()}, ck / "model.safetensors"
+            )
             save_safetensors_atomic(optimizer_state_tensors(opt), ck / "optimizer.safetensors")
             write_json_atomic(ck / "state.json", {"step": step + 1, "log": log, "recipe": asdict(recipe)})
     bar.close()
@@ -402,7 +426,9 @@ def zero_shot_accuracy(
     return out
 
 
-def evaluate_clip(clip: str | Path = "shapes", n: int = 1000, seed: int = 0, prompts: dict[str, str] | None = None) -> dict:
+def evaluate_clip(
+    clip: str | Path = "shapes", n: int = 1000, seed: int = 0, prompts: dict[str, str] | None = None
+) -> dict:
     """Zero-shot accuracy of a saved CLIP (``"shapes"`` or a folder) on ``n`` held-out ShapesWorld images."""
     from erasekit.analysis.clip_score import ClipScorer
 
