@@ -38,3 +38,14 @@ def test_prompt_embeds_path_matches_prompts(tiny_pipe):
     a = generate_images(tiny_pipe, ["a star"], [0], CFG)
     b = generate_images(tiny_pipe, None, [0], CFG, prompt_embeds=emb)
     assert np.abs(a.astype(int) - b).max() <= 1
+
+
+def test_resuming_with_other_weights_is_refused(tiny_pipe, tmp_path):
+    import pytest
+    import torch
+
+    generate(tiny_pipe, [PromptItem("a star", 0)], tmp_path, CFG, progress=False)
+    with torch.no_grad():
+        next(tiny_pipe.unet.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="other weights"):
+        generate(tiny_pipe, [PromptItem("a star", 1)], tmp_path, CFG, progress=False)

@@ -156,11 +156,11 @@ def generate(
     process of a multi-process run writes its own, see :mod:`erasekit.eval.distributed`).
     """
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    cfg = (config or SamplingConfig()).resolved(pipe)
+    _check_or_write_provenance(out, pipe, cfg)
     items = list(items)
     done = {(r["prompt"], r["seed"]): r for r in read_index(out, index_name)}
     todo = [it for it in items if (it.prompt, it.seed) not in done]
-    cfg = (config or SamplingConfig()).resolved(pipe)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="img", disable=not progress)
     with open(out / index_name, "a", encoding="utf-8") as index:
         for s in range(0, len(todo), cfg.batch_size):
@@ -177,6 +177,27 @@ def generate(
             bar.update(len(batch))
     bar.close()
     return [done[(it.prompt, it.seed)] for it in items]
+
+
+def _check_or_write_provenance(out: Path, pipe, cfg: SamplingConfig) -> None:
+    """Resuming is only sound with the same weights and sampler: refuse a directory made otherwise."""
+    from dataclasses import asdict
+
+    from erasekit.io import write_json_atomic
+    from erasekit.pipeline import fingerprint
+
+    prov = {"weights": fingerprint(pipe), "sampling": {k: v for k, v in asdict(cfg).items() if k != "batch_size"}}
+    path = out / "generation.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != prov:
+            raise ValueError(
+                f"{str(out)!r} holds images from other weights or sampler settings ({old}); "
+                "choose another output directory or delete it."
+            )
+        return
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, prov)
 
 
 def load_images(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> np.ndarray:

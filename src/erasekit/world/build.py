@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,11 @@ def build_pipeline(out_dir: str | Path, workdir: str | Path, recipe: WorldRecipe
 
     recipe = recipe or WorldRecipe()
     workdir = Path(workdir)
-    t0 = time.time()
     vae, vae_stats = train_vae(recipe, workdir)
-    t_vae = time.time() - t0
     tokenizer = load_clip_tokenizer(TOKENIZER_DIR)
     unet, text = train_diffusion(recipe, workdir, vae, tokenizer)
     state = json.loads((workdir / "diffusion" / "state.json").read_text())
-    card = model_card(recipe, vae_stats, state["log"], t_vae)
+    card = model_card(recipe, vae_stats, state["log"])
     return assemble_pipeline(Path(out_dir), vae, text, tokenizer, unet, recipe, card)
 
 
@@ -46,7 +43,7 @@ def build_detector(out_dir: str | Path, workdir: str | Path, recipe: WorldRecipe
     return train_detector(recipe or WorldRecipe(), Path(workdir), Path(out_dir))
 
 
-def model_card(recipe: WorldRecipe, vae_stats: dict[str, float], log: list[dict], vae_seconds: float) -> str:
+def model_card(recipe: WorldRecipe, vae_stats: dict[str, float], log: list[dict]) -> str:
     """The bundled model's README: recipe, sizes, measured training time and losses."""
     last = log[-1] if log else {}
     return "\n".join(
@@ -64,7 +61,7 @@ def model_card(recipe: WorldRecipe, vae_stats: dict[str, float], log: list[dict]
             "",
             "## Measured",
             f"- VAE: 32x32x3 -> 16x16x4, held-out PSNR {vae_stats['psnr_db']:.1f} dB, latent scaling factor "
-            f"{vae_stats['scaling_factor']:.3f}; trained in {vae_seconds / 60:.1f} min (2 CPU cores).",
+            f"{vae_stats['scaling_factor']:.3f}; trained in {vae_stats.get('train_seconds', float('nan')) / 60:.1f} min (2 CPU cores).",
             f"- UNet + text encoder: {last.get('step', 0)} steps of batch {recipe.unet_batch} in "
             f"{last.get('elapsed_s', 0) / 60:.1f} min of this run (2 CPU cores); last logged loss {last.get('loss', float('nan')):.4f}.",
             "- Generation accuracy per concept: see `world_check.json` beside this card (`erasekit world check`).",

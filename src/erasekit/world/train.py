@@ -138,6 +138,7 @@ def train_vae(recipe: R.WorldRecipe, workdir: Path) -> tuple[object, dict[str, f
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.vae_lr, total_steps=recipe.vae_steps, pct_start=0.05)
     rng = np.random.default_rng(recipe.seed + 1)
+    t0 = time.time()
     bar = tqdm(range(recipe.vae_steps), desc="vae")
     for _ in bar:
         x = to_tensor(data["images"][rng.integers(len(data["images"]), size=recipe.vae_batch)])
@@ -158,7 +159,12 @@ def train_vae(recipe: R.WorldRecipe, workdir: Path) -> tuple[object, dict[str, f
         mse = F.mse_loss((rec + 1) / 2, (x + 1) / 2).item()
         std = float(z.std())
     vae.register_to_config(scaling_factor=1.0 / std)
-    stats = {"psnr_db": 10 * math.log10(1 / mse), "latent_std": std, "scaling_factor": 1.0 / std}
+    stats = {
+        "psnr_db": 10 * math.log10(1 / mse),
+        "latent_std": std,
+        "scaling_factor": 1.0 / std,
+        "train_seconds": time.time() - t0,
+    }
     vae.save_pretrained(out)
     write_json_atomic(out / "stats.json", stats)
     return vae, stats
