@@ -96,7 +96,9 @@ class SpectrumConfig:
 def as_concept_list(concepts: Iterable[str] | Any) -> list[str]:
     """A concept set as a list of unique strings (order kept); accepts lists and objects with ``.concepts``."""
     if isinstance(concepts, str):
-        raise ValueError(f"`concepts` must be a list of concepts, not the single string {concepts!r}; wrap it in a list.")
+        raise ValueError(
+            f"`concepts` must be a list of concepts, not the single string {concepts!r}; wrap it in a list."
+        )
     items = list(getattr(concepts, "concepts", concepts))
     bad = [c for c in items if not isinstance(c, str)]
     if bad:
@@ -122,7 +124,9 @@ def _as_source(obj, config: SpectrumConfig) -> ImageSource:
         return pipeline_source(obj, config.sampling())
     if callable(obj):
         return obj
-    raise ValueError(f"Expected a Stable Diffusion pipeline or a callable (prompts, seeds) -> images, got {type(obj).__name__}.")
+    raise ValueError(
+        f"Expected a Stable Diffusion pipeline or a callable (prompts, seeds) -> images, got {type(obj).__name__}."
+    )
 
 
 @contextmanager
@@ -362,7 +366,9 @@ def sensitivity_spectrum(
     timing: dict[str, float] = {}
     if original_scores is None:
         t = {}
-        original_scores = concept_scores(original, concepts, scorer, config, progress=progress, desc="original", timing=t)
+        original_scores = concept_scores(
+            original, concepts, scorer, config, progress=progress, desc="original", timing=t
+        )
         timing.update({f"original_{k}": v for k, v in t.items()})
     original_scores = np.asarray(original_scores, dtype=np.float64)
     if original_scores.shape != (len(concepts), config.n_seeds):
@@ -402,7 +408,9 @@ def spectrum_for_edit(
     base = dict(base_info(pipe))  # read before the edit is applied
     timing: dict[str, float] = {}
     if original_scores is None:
-        original_scores = concept_scores(pipe, concepts, scorer, config, progress=progress, desc="original", timing=timing)
+        original_scores = concept_scores(
+            pipe, concepts, scorer, config, progress=progress, desc="original", timing=timing
+        )
     with edit_applied(pipe, edit):
         spec = sensitivity_spectrum(
             None,
