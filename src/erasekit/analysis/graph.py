@@ -27,7 +27,7 @@ The slides' three properties, as numbers (:meth:`ConceptGraph.properties`):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,11 +84,19 @@ def text_embeddings(source, texts: Sequence[str]) -> np.ndarray:
     if hasattr(source, "embed_texts"):
         emb = source.embed_texts(list(texts))
     elif hasattr(source, "text_encoder") and hasattr(source, "tokenizer"):
-        tok = source.tokenizer(list(texts), padding="max_length", max_length=source.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        tok = source.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=source.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         emb = source.text_encoder(tok.input_ids.to(source.text_encoder.device)).pooler_output.float().cpu()
         emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     else:
-        raise ValueError(f"`source` must have `embed_texts` (a ClipScorer) or be a pipeline; got {type(source).__name__}.")
+        raise ValueError(
+            f"`source` must have `embed_texts` (a ClipScorer) or be a pipeline; got {type(source).__name__}."
+        )
     return np.asarray(emb, dtype=np.float64)
 
 
@@ -115,12 +123,16 @@ class ConceptGraph:
         if self.g0.shape != (len(self.concepts),):
             raise ValueError(f"`g0` must have one value per concept ({len(self.concepts)}), got shape {self.g0.shape}.")
         if self.impact.shape != (len(self.erasures), len(self.concepts)):
-            raise ValueError(f"`impact` must be (erasures, concepts) = {(len(self.erasures), len(self.concepts))}, got {self.impact.shape}.")
+            raise ValueError(
+                f"`impact` must be (erasures, concepts) = {(len(self.erasures), len(self.concepts))}, got {self.impact.shape}."
+            )
         if len(set(self.erasures)) != len(self.erasures) or len(set(self.concepts)) != len(self.concepts):
             raise ValueError("`erasures` and `concepts` must not contain duplicates.")
 
     @classmethod
-    def from_spectra(cls, spectra: Sequence[Any], erasures: Sequence[str] | None = None, *, atol: float = 1e-6) -> ConceptGraph:
+    def from_spectra(
+        cls, spectra: Sequence[Any], erasures: Sequence[str] | None = None, *, atol: float = 1e-6
+    ) -> ConceptGraph:
         """One row per :class:`~erasekit.analysis.spectrum.Spectrum` (same concepts, seeds and original model).
 
         Row names default to each spectrum's erased concepts joined by " + ".
@@ -131,7 +143,9 @@ class ConceptGraph:
         first = spectra[0]
         for s in spectra[1:]:
             if s.concepts != first.concepts or s.seeds != first.seeds:
-                raise ValueError("All spectra must share the same concepts and seeds (measure them with one SpectrumConfig).")
+                raise ValueError(
+                    "All spectra must share the same concepts and seeds (measure them with one SpectrumConfig)."
+                )
             if not np.allclose(s.original, first.original, atol=atol):
                 raise ValueError(
                     "The spectra's original-model scores differ: they were measured on different base models or "
@@ -251,4 +265,53 @@ class ConceptGraph:
         return cls(d["erasures"], d["concepts"], np.array(d["g0"]), np.array(d["impact"]), d.get("config", {}))
 
 
-__all__ = ["ConceptGraph", "locality_agreement", "rankdata", "spearman", "text_distances", "text_embeddings"]
+def run_graph(
+    pipe,
+    edits: Mapping[str, Any],
+    concepts: Sequence[str],
+    scorer,
+    config: Any = None,
+    out_dir: str | Path | None = None,
+    *,
+    distance_source: Any = None,
+    quantile: float = 0.25,
+    progress: bool = True,
+) -> tuple[ConceptGraph, np.ndarray]:
+    """Concept graph of several erasures of one base model: one spectrum per edit (shared original
+    scores), text-embedding distances from ``distance_source`` (default: the CLIP ``scorer``).
+    Rows are named by each edit's erased concepts (or by its label when two edits erase the same).
+
+    With ``out_dir``, writes ``graph.json`` (matrix, distances, properties), ``graph_heatmap.png``,
+    ``graph.html`` and the spectra (``spectrum-<label>.json``).
+    """
+    from erasekit.analysis.spectrum import run_spectra
+
+    spectra = run_spectra(pipe, edits, concepts, scorer, config, out_dir, progress=progress)
+    names = [" + ".join(e.request.erase) for e in edits.values()]
+    if len(set(names)) < len(names):
+        names = list(edits)
+    graph = ConceptGraph.from_spectra(list(spectra.values()), erasures=names)
+    distance = text_distances(
+        distance_source if distance_source is not None else scorer, graph.erasures, graph.concepts
+    )
+    if out_dir is not None:
+        from erasekit.analysis import plots, report_sections
+        from erasekit.io import atomic_path, write_text_atomic
+
+        d = Path(out_dir)
+        graph.save(d / "graph.json", distance)
+        with atomic_path(d / "graph_heatmap.png") as tmp:
+            tmp.write_bytes(plots.impact_heatmap(graph))
+        write_text_atomic(d / "graph.html", report_sections.graph_section(graph, distance=distance, quantile=quantile))
+    return graph, distance
+
+
+__all__ = [
+    "ConceptGraph",
+    "locality_agreement",
+    "rankdata",
+    "run_graph",
+    "spearman",
+    "text_distances",
+    "text_embeddings",
+]

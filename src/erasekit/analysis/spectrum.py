@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -437,6 +437,62 @@ def spectrum_for_edit(
     return spec
 
 
+def run_spectra(
+    pipe,
+    edits: Mapping[str, Any],
+    concepts: Iterable[str],
+    scorer,
+    config: SpectrumConfig | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    top: int = 20,
+    mark: Sequence[str] = ("", "a photo"),
+    progress: bool = True,
+) -> dict[str, Spectrum]:
+    """Spectra of several edits of one base model (e.g. ``{"esd": ..., "ap": ...}``), sharing one
+    measurement of the original model; what ``erasekit analyze spectrum`` runs.
+
+    With ``out_dir``, writes ``spectrum-<label>.json`` per edit, ``spectrum_bars.png`` (Fig. 1),
+    ``spectrum_hist.png`` (Fig. 2) and ``spectrum.html`` (the report fragment).
+    """
+    if not edits:
+        raise ValueError("`edits` is empty: give at least one {label: Edit}.")
+    config = config or SpectrumConfig()
+    concepts = as_concept_list(concepts)
+    first = next(iter(edits.values()))
+    first.check_base(pipe)
+    timing: dict[str, float] = {}
+    original = concept_scores(pipe, concepts, scorer, config, progress=progress, desc="original", timing=timing)
+    out: dict[str, Spectrum] = {}
+    for label, edit in edits.items():
+        spec = spectrum_for_edit(
+            pipe, edit, concepts, scorer, config, original_scores=original, label=label, progress=progress
+        )
+        spec.config["timing"].update({f"original_{k}": v for k, v in timing.items()})
+        out[label] = spec
+    if out_dir is not None:
+        from erasekit.analysis import plots, report_sections
+        from erasekit.io import atomic_path, write_text_atomic
+
+        d = Path(out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for label, spec in out.items():
+            spec.save(d / f"spectrum-{_safe_name(label)}.json")
+        for name, png in (
+            ("spectrum_bars.png", plots.spectrum_bar_chart(out, top=top)),
+            ("spectrum_hist.png", plots.spectrum_histogram(out, mark=mark)),
+        ):
+            with atomic_path(d / name) as tmp:
+                tmp.write_bytes(png)
+        write_text_atomic(d / "spectrum.html", report_sections.spectrum_section(out, top=top, mark=mark))
+    return out
+
+
+def _safe_name(label: str) -> str:
+    """A label usable as part of a file name."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label) or "spectrum"
+
+
 __all__ = [
     "ImageSource",
     "Spectrum",
@@ -447,6 +503,7 @@ __all__ = [
     "edit_digest",
     "json_safe",
     "pipeline_source",
+    "run_spectra",
     "sensitivity_spectrum",
     "spectrum_for_edit",
 ]
