@@ -174,12 +174,15 @@ def kv_weights(unet) -> dict[str, torch.Tensor]:
     }
 
 
-def _kv_residual(w_old: dict, w_new: dict, c_in: torch.Tensor, c_new: torch.Tensor) -> float:
-    """sum_i ||W_new_i c_new - W_old_i c_in||^2 / sum_i ||W_old_i c_in||^2 over rows (eq. 4's fit, relative)."""
+def kv_residual(
+    w_old: dict[str, torch.Tensor], w_new: dict[str, torch.Tensor], c_in: torch.Tensor, c_new: torch.Tensor
+) -> float:
+    """Relative fit of RECE eq. 4: ``sum_i ||W_new_i c_new - W_old_i c_in||^2 / sum_i ||W_old_i c_in||^2``
+    over the rows of ``c_in``/``c_new`` (..., D) and the matrices named in ``w_old`` (0 = exact)."""
     num = den = 0.0
     for k, wo in w_old.items():
-        ref = c_in.double() @ wo.double().T
-        num += float(((c_new.double() @ w_new[k].double().T - ref) ** 2).sum())
+        ref = c_in.to(wo.device).double() @ wo.double().T
+        num += float(((c_new.to(wo.device).double() @ w_new[k].to(wo.device).double().T - ref) ** 2).sum())
         den += float((ref**2).sum())
     return num / max(den, 1e-30)
 
@@ -222,8 +225,8 @@ def _run(pipe, request: EraseRequest, config: RECEConfig, epochs: int, progress:
             {
                 "epoch": epoch,
                 "erased": epoch < epochs,
-                "residual_derived": _kv_residual(w_orig, w_now, c_in, c_der),
-                "residual_concept": _kv_residual(w_orig, w_now, c_in, c_in),
+                "residual_derived": kv_residual(w_orig, w_now, c_in, c_der),
+                "residual_concept": kv_residual(w_orig, w_now, c_in, c_in),
                 "derived_norm_ratio": float(c_der.norm() / c_in.norm().clamp_min(1e-30)),
             }
         )
