@@ -93,7 +93,8 @@ class FinetuneConfig:
     ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the sampler that produces z_t"})
     start_guidance: float = field(default=3.0, metadata={"help": "CFG scale of the sampler that produces z_t"})
     sample_with: Literal["frozen", "current"] = field(
-        default="frozen", metadata={"help": "model that samples z_t: the frozen original, or the current one (ESD's script)"}
+        default="frozen",
+        metadata={"help": "model that samples z_t: the frozen original, or the current one (ESD's script)"},
     )
     concepts_per_step: int = field(default=1, metadata={"help": "erased concepts (batch rows) per step"})
     seed: int = field(default=0, metadata={"help": "seed of every random draw (per step: seed and step index)"})
@@ -124,7 +125,9 @@ class FinetuneConfig:
             try:
                 re.compile(target)
             except re.error as e:
-                raise ValueError(f"`train_method` {self.train_method!r} is not a known name or a valid regex: {e}.") from e
+                raise ValueError(
+                    f"`train_method` {self.train_method!r} is not a known name or a valid regex: {e}."
+                ) from e
 
 
 def hashed_config(config: Any) -> dict[str, Any]:
@@ -266,10 +269,19 @@ class StepOutput:
 
 class LossFunction:
     """Base class of a method's per-step loss. Subclasses implement :meth:`step`; those with their own
-    learnable state (logits, soft prompts) also override the state methods so checkpoints carry it."""
+    learnable state (logits, soft prompts) also override the state methods so checkpoints carry it.
+
+    ``train_unet = False`` keeps the UNet fixed (only :meth:`param_groups` are optimised), for
+    optimisations against a finished edit such as recovering a hidden concept's prompt.
+    """
+
+    train_unet: bool = True
 
     def setup(self, ctx: FinetuneContext) -> None:
-        """Called once before the first step (precompute embeddings, build the search space)."""
+        """Called once before the first step (precompute embeddings, build the search space, load an edit)."""
+
+    def after_step(self, ctx: FinetuneContext) -> None:
+        """Called after every optimizer step, without gradients (e.g. a projection onto a constraint set)."""
 
     def step(self, ctx: FinetuneContext, batch: StepBatch) -> StepOutput:
         """The loss to minimise on the model at this step."""
@@ -336,13 +348,22 @@ def finetune(
 
     ctx = FinetuneContext(pipe, config.train_method, ddim_steps=config.ddim_steps)
     loss_fn.setup(ctx)
-    opt = torch.optim.Adam([{"params": list(ctx.params.values()), "lr": config.lr}, *loss_fn.param_groups()])
+    groups = [{"params": list(ctx.params.values()), "lr": config.lr}] if loss_fn.train_unet else []
+    if not loss_fn.train_unet:
+        for p in ctx.params.values():
+            p.requires_grad_(False)
+    groups += loss_fn.param_groups()
+    if not groups:
+        raise ValueError(f"{type(loss_fn).__name__} trains nothing: it keeps the UNet fixed and has no param_groups().")
+    opt = torch.optim.Adam(groups)
     log: list[dict[str, Any]] = []
     start = 0
     if run_dir is not None and config.resume:
         start, log = _load_latest_checkpoint(run_dir, ctx, opt, loss_fn)
     if run_dir is not None:
-        write_json_atomic(run_dir / RUN_JSON, {**identity, "config_hash": digest, "base": base, "config_all": asdict(config)})
+        write_json_atomic(
+            run_dir / RUN_JSON, {**identity, "config_hash": digest, "base": base, "config_all": asdict(config)}
+        )
         _write_log(run_dir, log)
 
     # 1. The loop: sample concepts and z_t, ask the method for a loss, one optimizer step.
@@ -354,11 +375,13 @@ def finetune(
         for step in bar:
             batch = _make_batch(ctx, request, config, seed, step)
             out = loss_fn.step(ctx, batch)
-            grads = torch.autograd.grad(out.loss, [p for g in opt.param_groups for p in g["params"]], allow_unused=True)
-            for p, g in zip([p for g in opt.param_groups for p in g["params"]], grads, strict=True):
-                p.grad = g
+            trained = [p for group in opt.param_groups for p in group["params"]]
+            for p, grad in zip(trained, torch.autograd.grad(out.loss, trained, allow_unused=True), strict=True):
+                p.grad = grad
             opt.step()
             opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                loss_fn.after_step(ctx)
             logs = {"loss": float(out.loss.detach()), **out.logs}
             rec = {"step": step, "erase": batch.concepts, "t": int(batch.t[0]), **_round(logs), **out.record}
             log.append(rec)
@@ -369,7 +392,9 @@ def finetune(
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
             bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()})
             done = step + 1
-            if run_dir is not None and (done == config.steps or config.checkpoint_every and done % config.checkpoint_every == 0):
+            if run_dir is not None and (
+                done == config.steps or config.checkpoint_every and done % config.checkpoint_every == 0
+            ):
                 _save_checkpoint(run_dir, done, ctx, opt, loss_fn, log, config.keep_checkpoints)
     finally:
         if log_file is not None:
@@ -394,10 +419,14 @@ def finetune(
     if run_dir is not None:
         trace["run_dir"] = str(run_dir)
         trace["log_path"] = str(run_dir / LOG_JSONL)
-    edit = Edit(tensors=ctx.current_tensors(), method=method, config=asdict(config), request=request, base=base, trace=trace)
+    edit = Edit(
+        tensors=ctx.current_tensors(), method=method, config=asdict(config), request=request, base=base, trace=trace
+    )
     if run_dir is not None:
         edit.save(run_dir / EDIT_DIR)
-    return FinetuneResult(edit=edit, extra={k: v.detach().clone() for k, v in loss_fn.extra_tensors().items()}, run_dir=run_dir)
+    return FinetuneResult(
+        edit=edit, extra={k: v.detach().clone() for k, v in loss_fn.extra_tensors().items()}, run_dir=run_dir
+    )
 
 
 def _round(d: dict[str, float]) -> dict[str, float]:
@@ -425,7 +454,9 @@ def _check_run_dir(run_dir: Path, identity: dict[str, Any], digest: str, resume:
     meta_path = run_dir / RUN_JSON
     if not meta_path.exists():
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ValueError(f"`run_dir` {str(run_dir)!r} is not empty and holds no run ({RUN_JSON} missing); choose a new directory.")
+            raise ValueError(
+                f"`run_dir` {str(run_dir)!r} is not empty and holds no run ({RUN_JSON} missing); choose a new directory."
+            )
         return
     meta = json.loads(meta_path.read_text())
     if not resume:
@@ -447,7 +478,11 @@ def _diff(meta: dict[str, Any], identity: dict[str, Any]) -> list[str]:
     for k, v in identity.items():
         old = meta.get(k)
         if isinstance(v, dict) and isinstance(old, dict):
-            out += [f"{k}.{kk}: {old.get(kk)!r} -> {vv!r}" for kk, vv in v.items() if json.dumps(old.get(kk), default=str) != json.dumps(vv, default=str)]
+            out += [
+                f"{k}.{kk}: {old.get(kk)!r} -> {vv!r}"
+                for kk, vv in v.items()
+                if json.dumps(old.get(kk), default=str) != json.dumps(vv, default=str)
+            ]
         elif json.dumps(old, default=str) != json.dumps(v, default=str):
             out.append(f"{k}: {old!r} -> {v!r}")
     return out
@@ -472,7 +507,13 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, flat: dict[str, torch.Te
 
 
 def _save_checkpoint(
-    run_dir: Path, step: int, ctx: FinetuneContext, opt: torch.optim.Optimizer, loss_fn: LossFunction, log: list, keep: int
+    run_dir: Path,
+    step: int,
+    ctx: FinetuneContext,
+    opt: torch.optim.Optimizer,
+    loss_fn: LossFunction,
+    log: list,
+    keep: int,
 ) -> None:
     """Write ``checkpoints/step-XXXXXXXX`` atomically (a temporary folder renamed into place)."""
     root = run_dir / CHECKPOINTS

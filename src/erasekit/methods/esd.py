@@ -71,5 +71,7 @@ def erase_esd(
     pipe, request: EraseRequest, config: ESDConfig, *, generator: torch.Generator | None = None, progress: bool = True
 ) -> Edit:
     """Erase ``request.erase`` with ESD (Gandikota et al. 2023, eq. 4); the pipeline is left unchanged."""
-    result = finetune(pipe, request, config, ESDLoss(config, request.target), method="esd", generator=generator, progress=progress)
+    result = finetune(
+        pipe, request, config, ESDLoss(config, request.target), method="esd", generator=generator, progress=progress
+    )
     return result.edit
