@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from erasekit.methods.rece import (
     DERIVED_KEY,
     RECEConfig,
     derive_embedding,
+    derived_embedding_images,
     derived_prompt_embeds,
     kv_parameter_names,
     rece_checkpoint,
@@ -167,3 +169,16 @@ def test_bad_derived_requests(tiny_pipe):
         derive_embedding([torch.eye(3)], [], torch.ones(3), 0.1)
     with pytest.raises(ValueError, match="embedding size"):
         derive_embedding([torch.eye(3)], [torch.eye(3)], torch.ones(4), 0.1)
+
+
+def test_derived_embedding_images_restore_the_pipeline(tiny_pipe):
+    edit = erasekit.erase(tiny_pipe, EraseRequest(["star"]), method="rece", epochs=1, progress=False)
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    imgs = derived_embedding_images(tiny_pipe, edit, [0, 1], SamplingConfig(steps=1))
+    assert imgs.shape == (2, 2, 32, 32, 3) and imgs.dtype.name == "uint8"
+    final = derived_embedding_images(tiny_pipe, edit, [0, 1], SamplingConfig(steps=1), model="final")
+    assert np.array_equal(final[-1], imgs[-1])  # the probe epoch is rendered by the final model either way
+    assert all(torch.equal(v, before[k]) for k, v in tiny_pipe.unet.state_dict().items())
+    edit.apply_(tiny_pipe)
+    with pytest.raises(ValueError, match="unedited base pipeline"):
+        derived_embedding_images(tiny_pipe, edit, [0], SamplingConfig(steps=1))

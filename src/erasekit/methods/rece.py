@@ -53,11 +53,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from erasekit.edit import Edit, EraseRequest
+from erasekit.edit import Edit, EraseRequest, get_parameter
 from erasekit.methods.base import register
 from erasekit.methods.uce import UCEConfig, aligned_token_embeddings, closed_form_edit, uce_prompts
 from erasekit.pipeline import base_info, cross_attention_modules, encode_prompts
@@ -329,6 +331,51 @@ def rece_checkpoint(pipe, edit: Edit, epoch: int, *, progress: bool = False) -> 
     mine = out.aux[DERIVED_KEY]
     if not torch.allclose(mine, table[: epoch + 1].to(mine), rtol=1e-4, atol=1e-5):
         raise ValueError(
-            "Recomputed derived embeddings differ from the edit's: was it made with another erasekit version?"
+            "Recomputed derived embeddings differ from the edit's: pass the unedited base pipeline (not one with an "
+            "edit applied), or the edit was made by another erasekit version."
         )
     return replace(out, trace={**out.trace, "checkpoint_of": {"epochs": total, "created": edit.created}})
+
+
+@torch.no_grad()
+def derived_embedding_images(
+    pipe,
+    edit: Edit,
+    seeds: Sequence[int],
+    sampling=None,
+    *,
+    concept: int | str = 0,
+    model: Literal["epoch", "final"] = "epoch",
+) -> np.ndarray:
+    """Images of every epoch's derived embedding (the paper's Fig. 5): uint8 (epochs + 1, len(seeds), H, W, 3).
+
+    ``model="epoch"``: embedding ``t`` is rendered by the model it was derived from, after ``t``
+    rounds (what the paper shows: images from epochs 0-2 still contain nudity, from epoch 3 on they
+    do not, so it keeps the checkpoint after epoch 2). ``model="final"``: every embedding is
+    rendered by the final edited model (does the finished edit resist all of them?).
+
+    ``pipe`` must be the unedited base model. Its cross-attention weights are swapped for each
+    checkpoint while rendering and restored afterwards, even on error.
+    """
+    from erasekit.eval.generate import generate_images
+
+    if model not in ("epoch", "final"):
+        raise ValueError(f"`model` must be 'epoch' or 'final', got {model!r}.")
+    table = _check_rece(edit)
+    edit.check_base(pipe)
+    saved = {n: get_parameter(pipe, n).detach().clone() for n in edit.tensors}
+
+    def restore() -> None:
+        for n, v in saved.items():
+            get_parameter(pipe, n).copy_(v)
+
+    out = []
+    try:
+        for t in range(table.shape[0]):
+            emb = derived_prompt_embeds(pipe, edit, t, concept)
+            restore()
+            (edit if model == "final" else rece_checkpoint(pipe, edit, t)).apply_(pipe)
+            out.append(generate_images(pipe, None, list(seeds), sampling, prompt_embeds=emb.expand(len(seeds), -1, -1)))
+    finally:
+        restore()
+    return np.stack(out)
