@@ -46,6 +46,12 @@ def build_detector(out_dir: str | Path, workdir: str | Path, recipe: WorldRecipe
 def model_card(recipe: WorldRecipe, vae_stats: dict[str, float], log: list[dict]) -> str:
     """The bundled model's README: recipe, sizes, measured training time and losses."""
     last = log[-1] if log else {}
+    seconds, prev = 0.0, 0.0  # elapsed_s restarts at every resume: add up the segments
+    for entry in log:
+        if entry["elapsed_s"] < prev:
+            seconds += prev
+        prev = entry["elapsed_s"]
+    seconds += prev
     return "\n".join(
         [
             "# ShapesWorld miniature Stable Diffusion",
@@ -63,7 +69,8 @@ def model_card(recipe: WorldRecipe, vae_stats: dict[str, float], log: list[dict]
             f"- VAE: 32x32x3 -> 16x16x4, held-out PSNR {vae_stats['psnr_db']:.1f} dB, latent scaling factor "
             f"{vae_stats['scaling_factor']:.3f}; trained in {vae_stats.get('train_seconds', float('nan')) / 60:.1f} min (2 CPU cores).",
             f"- UNet + text encoder: {last.get('step', 0)} steps of batch {recipe.unet_batch} in "
-            f"{last.get('elapsed_s', 0) / 60:.1f} min of this run (2 CPU cores); last logged loss {last.get('loss', float('nan')):.4f}.",
+            f"{seconds / 60:.0f} min (2 CPU cores shared with other work; resumed once); last logged loss "
+            f"{last.get('loss', float('nan')):.4f}.",
             "- Generation accuracy per concept: see `world_check.json` beside this card (`erasekit world check`).",
             "",
             "Sampling defaults (stored in `erasekit_world.json`): "

@@ -25,6 +25,7 @@ from erasekit.world.detector import DetectorConfig, ShapesDetector
 from erasekit.world.shapes import make_example
 
 HELDOUT_SEED_OFFSET = 1_000_003
+LABEL_KEYS = ("object", "colour", "background", "style", "unsafe")  # column order of the cached labels
 
 
 # ------------------------------------------------------------------------------------ data
@@ -35,7 +36,7 @@ def _chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str], np.ndarra
         img, scene = make_example(seed, i)
         imgs.append(img)
         caps.append(scene.caption)
-        labels.append([scene.labels[k] for k in ("object", "colour", "background", "style", "unsafe")])
+        labels.append([scene.labels[k] for k in LABEL_KEYS])
     return np.stack(imgs), caps, np.array(labels, dtype=np.int64)
 
 
@@ -97,7 +98,7 @@ def train_detector(recipe: R.WorldRecipe, workdir: Path, out_dir: Path) -> dict[
         x = x + torch.randn_like(x) * float(rng.uniform(0, 0.08))
         x = torch.roll(x, shifts=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), dims=(2, 3))
         logits = model(x)
-        loss = sum(F.cross_entropy(logits[h], y[:, i]) for i, h in enumerate(heads))
+        loss = sum(F.cross_entropy(logits[h], y[:, LABEL_KEYS.index(h)]) for h in heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -112,14 +113,14 @@ def train_detector(recipe: R.WorldRecipe, workdir: Path, out_dir: Path) -> dict[
 
 @torch.no_grad()
 def evaluate_detector(model: ShapesDetector, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Top-1 accuracy of every head on labelled images."""
+    """Top-1 accuracy of every head on images labelled in :data:`LABEL_KEYS` column order."""
     heads = list(model.config.heads)
-    correct = np.zeros(len(heads))
+    correct = dict.fromkeys(heads, 0)
     for s in range(0, len(images), 500):
         logits = model(to_tensor(images[s : s + 500]))
-        for i, h in enumerate(heads):
-            correct[i] += (logits[h].argmax(1).numpy() == labels[s : s + 500, i]).sum()
-    return {h: float(correct[i] / len(images)) for i, h in enumerate(heads)}
+        for h in heads:
+            correct[h] += int((logits[h].argmax(1).numpy() == labels[s : s + 500, LABEL_KEYS.index(h)]).sum())
+    return {h: correct[h] / len(images) for h in heads}
 
 
 # ------------------------------------------------------------------------------------ VAE
