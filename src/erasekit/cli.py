@@ -198,6 +198,37 @@ def demo(
         _fail(e)
 
 
+@app.command()
+def attack(
+    edit: Annotated[Path, typer.Option("--edit", help="Run directory (or edit folder) of the edit to attack.")],
+    concept: Annotated[str, typer.Option(help="The erased concept to bring back, e.g. fire or triangle.")],
+    attacks: Annotated[list[str] | None, typer.Option("--attacks", help="Attacks (comma-separated); default: all.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="A text file of prompts to attack, one per line.")] = None,
+    model: ModelOpt = "shapes",
+    n_images: Annotated[int, typer.Option(help="Images per attacked prompt.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Resumable output directory.")] = None,
+) -> None:
+    """Red-team an edit: run attacks that try to bring the erased concept back; print ASR and cost."""
+    from erasekit import Edit, load_pipeline
+    from erasekit.attacks.asr import DEFAULT_ATTACKS, run_attacks
+
+    try:
+        texts = None
+        if prompts is not None:
+            if not prompts.exists():
+                raise FileNotFoundError(f"`--prompts` file {str(prompts)!r} does not exist.")
+            texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        original = load_pipeline(model)
+        edited = Edit.load(edit).apply_(load_pipeline(model))
+        res = run_attacks(
+            edited, original, concept, _split(attacks) or DEFAULT_ATTACKS, prompts=texts, n_images=n_images, seed=seed, out_dir=out
+        )
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(e)
+    typer.echo(json.dumps(res, indent=2, default=str))
+
+
 # ------------------------------------------------------------------------------------------ world
 @world_app.command("train")
 def world_train(
