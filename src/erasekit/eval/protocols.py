@@ -127,3 +127,7 @@ def shapes_objects(
 def evaluate(pipe, protocol: str = "shapes-objects", **kwargs: Any) -> dict[str, Any]:
     """Run the named protocol on ``pipe``; see each protocol for its keyword arguments."""
     return get_protocol(protocol)(pipe, **kwargs)
+
+
+# The real-model protocols (imagenette, i2p, artists, coco) register themselves on import.
+from erasekit.eval import real_protocols as _real_protocols  # noqa: E402, F401
