@@ -359,3 +359,26 @@ def test_coco_clip_and_fid(pipe, scorer, tmp_path):
     assert m["clip_score"] is None and m["prompts"]["format"] == "coco"
     with pytest.raises(ValueError, match="either"):
         evaluate(pipe, "coco", prompts=caps, out_dir=run, reference_images=ref, reference_dir=run, features=fx)
+
+
+# ---------------------------------------------------------------------- optional-dependency loaders
+def test_pretrained_loaders_fail_clearly_offline(tmp_path, monkeypatch):
+    import importlib.util
+
+    from erasekit.eval.distances import load_inception, load_lpips
+    from erasekit.eval.real_detectors import load_resnet50
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: nothing may be downloaded
+    if importlib.util.find_spec("torchvision") is None:
+        for loader in (load_resnet50, load_lpips):
+            with pytest.raises(ImportError, match=r"erasekit\[real\]"):
+                loader()
+    else:
+        with pytest.raises(FileNotFoundError, match="not in the cache"):
+            load_resnet50()
+    if importlib.util.find_spec("torchmetrics") is None:
+        with pytest.raises(ImportError, match=r"erasekit\[real\]"):
+            load_inception()
+    else:
+        with pytest.raises(FileNotFoundError, match="Inception weights not found"):
+            load_inception()
