@@ -27,7 +27,9 @@ TINY = dict(
 def tiny_scorer(seed: int = 0, batch_size: int = 64) -> ClipScorer:
     recipe = wclip.ClipRecipe(seed=seed, **TINY)
     model = wclip.build_clip(recipe)
-    return ClipScorer(model, load_clip_tokenizer(wclip.TOKENIZER_DIR), wclip.image_processor(recipe), batch_size=batch_size)
+    return ClipScorer(
+        model, load_clip_tokenizer(wclip.TOKENIZER_DIR), wclip.image_processor(recipe), batch_size=batch_size
+    )
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -127,7 +129,10 @@ def test_miniature_size_is_a_few_megabytes():
 def test_contrastive_loss_is_clip_loss_without_repeats_and_counts_repeats_as_positives():
     logits = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
     eye = torch.eye(4, dtype=torch.bool)
-    ref = (torch.nn.functional.cross_entropy(logits, torch.arange(4)) + torch.nn.functional.cross_entropy(logits.t(), torch.arange(4))) / 2
+    ref = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(4))
+        + torch.nn.functional.cross_entropy(logits.t(), torch.arange(4))
+    ) / 2
     torch.testing.assert_close(wclip.contrastive_loss(logits, eye), ref)
     same = eye.clone()
     same[0, 1] = same[1, 0] = True  # captions 0 and 1 are identical

@@ -192,7 +192,7 @@ def impact_heatmap(graph: Any, *, max_concepts: int = 60, title: str | None = No
                     fontsize=6,
                     color="white" if abs(v) > 0.6 * lim else "black",
                 )
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label="Δ = G₀ − G_{c_e}")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label=r"$\Delta = G_0 - G_{c_e}$")
     ax.set_title(title or "Concept graph: impact of erasing c_e on c_i", fontsize=10)
     return to_png(fig)
 
@@ -283,7 +283,7 @@ def image_rows(
             if i == 0 and col_labels and j < len(col_labels):
                 a.set_title(col_labels[j], fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.0 + 0.25 / len(rows))
     fig.subplots_adjust(wspace=0.05, hspace=0.08)
     return to_png(fig)
 
