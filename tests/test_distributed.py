@@ -163,3 +163,23 @@ def test_accelerate_launch_command(setup, tiny_pipe_dir, tmp_path, monkeypatch):
     _check_resumed(run, items, ref_bytes, mtimes)
     meta = json.loads((run / "launch.json").read_text())
     assert meta["processes"] == 2 and meta["images"] == 9 and meta["sampling"]["steps"] == 2
+
+
+def test_command_line_items_and_errors(tmp_path, capsys):
+    from erasekit.eval.distributed import build_parser, items_from_args, main, parse_seeds
+
+    assert parse_seeds("0:3") == [0, 1, 2] and parse_seeds("4,9") == [4, 9]
+    with pytest.raises(ValueError, match="seeds"):
+        parse_seeds("a:b")
+    csv = tmp_path / "artists.csv"
+    csv.write_text("case_number,prompt,evaluation_seed,artist\n0,A castle by Kilian Eng,10,Kilian Eng\n")
+    args = build_parser().parse_args(
+        ["--model", "m", "--out", "o", "--protocol", "artists", "--prompts", str(csv), "--n-samples", "3"]
+    )
+    assert [(i.prompt, i.seed) for i in items_from_args(args)] == [("A castle by Kilian Eng", s) for s in (10, 11, 12)]
+    args = build_parser().parse_args(
+        ["--model", "m", "--out", "o", "--protocol", "imagenette", "--classes", "church", "--n-per-class", "2"]
+    )
+    assert [i.prompt for i in items_from_args(args)] == ["Image of church"] * 2
+    assert main(["--model", "m", "--out", str(tmp_path / "o"), "--protocol", "i2p"]) == 2  # no --prompts
+    assert "needs --prompts" in capsys.readouterr().err
