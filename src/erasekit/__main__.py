@@ -1,0 +1,5 @@
+"""`python -m erasekit` runs the CLI."""
+
+from erasekit.cli import main
+
+main()
