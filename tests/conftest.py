@@ -7,6 +7,16 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny models and float64 solves are dominated by thread
+    synchronisation, and on a busy 2-core machine two threads run several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_pipe():
     """A random-weight tiny SD pipeline (fresh per test, so tests may modify it)."""
     return tiny_pipeline(0)

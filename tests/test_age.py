@@ -13,12 +13,7 @@ FAST = dict(steps=2, ddim_steps=2, lr=1e-3, vocabulary="shapes", k=6, search_lr=
 REQ = EraseRequest(["triangle", "square"])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 def test_age_objective_by_hand():

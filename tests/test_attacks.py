@@ -27,13 +27,7 @@ from erasekit.testing import tiny_pipeline
 FAST = SamplingConfig(steps=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a busy machine run faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 @pytest.fixture(scope="module")

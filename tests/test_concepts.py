@@ -14,13 +14,7 @@ from erasekit.concepts import (
 )
 from erasekit.world.shapes import ARTISTS, COLOURS, OBJECTS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 def test_clip_vocabulary_is_whole_alphabetic_words(tiny_pipe):

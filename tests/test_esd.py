@@ -8,13 +8,7 @@ from erasekit.edit import Edit, EraseRequest
 from erasekit.finetune import FinetuneContext, StepBatch, step_generator
 from erasekit.methods.esd import ESDConfig, ESDLoss, esd_loss, esd_target
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 def test_esd_loss_matches_a_hand_computation():

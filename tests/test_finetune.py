@@ -23,13 +23,7 @@ from erasekit.targets import select_parameters
 FAST = dict(steps=2, ddim_steps=3, lr=1e-3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a busy 2-core machine, two threads contend and run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 def test_esd_u_target_follows_esd_code(tiny_pipe):

@@ -24,12 +24,7 @@ FAST = dict(steps=2, ddim_steps=2, lr=1e-3, key_lr=1e-2, n_tokens=2)
 REQ = EraseRequest(["triangle", "star"], preserve=["circle"])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 def test_soft_tokens_are_input_embeddings_after_the_concept(tiny_pipe):

@@ -17,14 +17,7 @@ from erasekit.methods.rece import (
 from erasekit.methods.uce import aligned_token_embeddings
 from erasekit.pipeline import last_token_index, load_pipeline
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 solves are dominated by thread synchronisation on a busy machine: run them on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 def _eq7(w_old, w_new, c, cp, lam):

@@ -3,7 +3,7 @@ import torch
 
 import erasekit
 from erasekit.edit import Edit, EraseRequest
-from erasekit.methods.uce import UCEConfig, uce_closed_form
+from erasekit.methods.uce import uce_closed_form
 from erasekit.pipeline import load_pipeline
 
 

@@ -36,17 +36,6 @@ def _load(model: str, edit: Path | None, device: str = "cpu"):
     return pipe
 
 
-def _parse_seeds(seeds: str) -> list[int]:
-    """'0:10' -> 0..9; '1,5,7' -> [1, 5, 7]; '3' -> [3]."""
-    try:
-        if ":" in seeds:
-            a, b = seeds.split(":")
-            return list(range(int(a), int(b)))
-        return [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"`--seeds` {seeds!r} must look like '0:10' or '1,5,7'.") from None
-
-
 @app.command()
 def methods() -> None:
     """List the erasure methods and their options."""
@@ -132,6 +121,7 @@ def generate(
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
 ) -> None:
     """Generate images for prompts x seeds (deterministic per prompt and seed)."""
+    from erasekit.eval.distributed import parse_seeds
     from erasekit.eval.generate import PromptItem, SamplingConfig
     from erasekit.eval.generate import generate as gen
 
@@ -143,7 +133,7 @@ def generate(
             texts += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
         if not texts:
             raise ValueError("No prompts: pass --prompt TEXT (repeatable) or --prompts FILE.")
-        seed_list = _parse_seeds(seeds)
+        seed_list = parse_seeds(seeds)
         pipe = _load(model, edit, device)
         items = [PromptItem(t, s) for t in texts for s in seed_list]
         recs = gen(pipe, items, out, SamplingConfig(steps, guidance, batch_size))
