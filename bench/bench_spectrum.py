@@ -62,26 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     t_load = time.perf_counter()
     if a.tiny:
-        from erasekit.testing import tiny_pipeline
-        from erasekit.world import clip as wclip
-        from erasekit.world.tokenizer import load_clip_tokenizer
+        from erasekit.testing import tiny_clip_scorer, tiny_pipeline
 
         pipe = tiny_pipeline(0)
-        recipe = wclip.ClipRecipe(
-            vision_hidden=16,
-            vision_layers=1,
-            vision_heads=2,
-            text_hidden=8,
-            text_layers=1,
-            text_heads=2,
-            projection_dim=8,
-        )
-        scorer = ClipScorer(
-            wclip.build_clip(recipe),
-            load_clip_tokenizer(wclip.TOKENIZER_DIR),
-            wclip.image_processor(recipe),
-            name="tiny-random",
-        )
+        scorer = tiny_clip_scorer(name="tiny-random")
         concepts = concepts[:6]
         seeds, steps = min(a.seeds, 2), a.steps or 2
     else:

@@ -10,26 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from erasekit.analysis.clip_score import ClipScorer, check_images
+from erasekit.testing import TINY_CLIP, tiny_clip_scorer
 from erasekit.world import clip as wclip
-from erasekit.world.tokenizer import load_clip_tokenizer
-
-TINY = dict(
-    vision_hidden=16,
-    vision_layers=1,
-    vision_heads=2,
-    text_hidden=8,
-    text_layers=1,
-    text_heads=2,
-    projection_dim=8,
-)
-
-
-def tiny_scorer(seed: int = 0, batch_size: int = 64) -> ClipScorer:
-    recipe = wclip.ClipRecipe(seed=seed, **TINY)
-    model = wclip.build_clip(recipe)
-    return ClipScorer(
-        model, load_clip_tokenizer(wclip.TOKENIZER_DIR), wclip.image_processor(recipe), batch_size=batch_size
-    )
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -41,7 +23,7 @@ TEXTS = ["a red circle", "a blue square", "fire", "", "a picture by Orla Vantrec
 
 def test_score_matches_clipmodel_forward():
     """score = 100 * max(cos, 0), with cos read off CLIPModel.forward's logits (logit_scale divided out)."""
-    scorer = tiny_scorer()
+    scorer = tiny_clip_scorer()
     x = images(5)
     m = scorer.model
     tok = scorer.tokenizer(TEXTS, padding=True, return_tensors="pt")
@@ -56,7 +38,7 @@ def test_score_matches_clipmodel_forward():
 
 def test_score_by_hand_from_embeddings():
     """The same number from the projected embeddings, normalised by hand in numpy."""
-    scorer = tiny_scorer(1)
+    scorer = tiny_clip_scorer(1)
     x = images(3, 1)
     with torch.no_grad():
         img = scorer.model.get_image_features(pixel_values=scorer.pixel_values(x))
@@ -71,20 +53,20 @@ def test_score_by_hand_from_embeddings():
 def test_batching_and_cache_do_not_change_scores():
     x = images(7, 2)
     texts = [TEXTS[i % len(TEXTS)] for i in range(7)]
-    a = tiny_scorer(batch_size=2).score_matrix(x, texts)
-    s = tiny_scorer(batch_size=64)
+    a = tiny_clip_scorer(batch_size=2).score_matrix(x, texts)
+    s = tiny_clip_scorer(batch_size=64)
     s.embed_texts(["fire"])  # warm the cache with a subset
     np.testing.assert_allclose(a, s.score_matrix(x, texts), atol=1e-5)
 
 
 def test_preprocess_matches_image_processor():
     x = images(4, 3)
-    scorer = tiny_scorer()
+    scorer = tiny_clip_scorer()
     torch.testing.assert_close(wclip.preprocess(x), scorer.pixel_values(x), atol=1e-6, rtol=0)
 
 
 def test_bad_inputs_raise_clear_errors():
-    scorer = tiny_scorer()
+    scorer = tiny_clip_scorer()
     with pytest.raises(ValueError, match="uint8"):
         check_images(np.zeros((2, 32, 32, 3), np.float32))
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
@@ -97,8 +79,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_save_and_load_roundtrip(tmp_path):
-    scorer = tiny_scorer(4)
-    recipe = wclip.ClipRecipe(seed=4, **TINY)
+    scorer = tiny_clip_scorer(4)
+    recipe = wclip.ClipRecipe(seed=4, **TINY_CLIP)
     wclip.save_clip(tmp_path / "clip", scorer.model, scorer.tokenizer, wclip.image_processor(recipe), {"recipe": {}})
     loaded = ClipScorer.from_pretrained(tmp_path / "clip")
     x = images(3, 4)
@@ -179,7 +161,7 @@ def test_heldout_examples_are_deterministic():
 
 
 def test_train_clip_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
-    recipe = wclip.ClipRecipe(n_train=24, n_heldout=8, batch=8, steps=3, warmup=1, checkpoint_every=2, **TINY)
+    recipe = wclip.ClipRecipe(n_train=24, n_heldout=8, batch=8, steps=3, warmup=1, checkpoint_every=2, **TINY_CLIP)
     meta = wclip.train_clip(tmp_path / "a", workdir=tmp_path / "wa", recipe=recipe, progress=False)
     assert set(meta["zero_shot"]) == {"object", "colour", "style"}
     saved = json.loads((tmp_path / "a" / "erasekit_clip.json").read_text())

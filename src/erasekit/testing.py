@@ -85,3 +85,31 @@ def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
     pipe = tiny_pipeline(seed)
     pipe.save_pretrained(directory, safe_serialization=True)
     return Path(directory)
+
+
+# A random miniature CLIP small enough for tests and smoke benchmarks (erasekit.world.clip.ClipRecipe fields).
+TINY_CLIP = dict(
+    vision_hidden=16,
+    vision_layers=1,
+    vision_heads=2,
+    text_hidden=8,
+    text_layers=1,
+    text_heads=2,
+    projection_dim=8,
+)
+
+
+def tiny_clip_scorer(seed: int = 0, batch_size: int = 64, name: str | None = None):
+    """A :class:`~erasekit.analysis.clip_score.ClipScorer` over a random tiny CLIP (real transformers classes)."""
+    from erasekit.analysis.clip_score import ClipScorer
+    from erasekit.world import clip as wclip
+    from erasekit.world.tokenizer import load_clip_tokenizer
+
+    recipe = wclip.ClipRecipe(seed=seed, **TINY_CLIP)
+    return ClipScorer(
+        wclip.build_clip(recipe),
+        load_clip_tokenizer(wclip.TOKENIZER_DIR),
+        wclip.image_processor(recipe),
+        batch_size=batch_size,
+        name=name,
+    )
