@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,15 +149,23 @@ def generate(
     *,
     progress: bool = True,
     index_name: str = INDEX,
+    prompt_embeds_fn: Callable[[list[str]], torch.Tensor] | None = None,
+    conditioning: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate every item into ``out_dir/images`` and index it; skips items already written.
 
     Returns the index records in the order of ``items``. ``index_name`` picks the index file (each
     process of a multi-process run writes its own, see :mod:`erasekit.eval.distributed`).
+    ``prompt_embeds_fn`` (optional) turns a batch's prompts into the ``prompt_embeds`` (B, 77, D) to
+    sample from instead of the text encoder's (e.g. :meth:`erasekit.methods.hide.RecoveryKey.prompt_embeds`
+    with a recovery key); it needs ``conditioning``, a JSON-ready description of it recorded in
+    ``generation.json``, so that a directory is never resumed with another conditioning.
     """
     out = Path(out_dir)
     cfg = (config or SamplingConfig()).resolved(pipe)
-    _check_or_write_provenance(out, pipe, cfg)
+    if prompt_embeds_fn is not None and conditioning is None:
+        raise ValueError("`prompt_embeds_fn` needs `conditioning`: a description recorded in generation.json.")
+    _check_or_write_provenance(out, pipe, cfg, conditioning)
     items = list(items)
     done = {(r["prompt"], r["seed"]): r for r in read_index(out, index_name)}
     todo = [it for it in items if (it.prompt, it.seed) not in done]
@@ -165,7 +173,11 @@ def generate(
     with open(out / index_name, "a", encoding="utf-8") as index:
         for s in range(0, len(todo), cfg.batch_size):
             batch = todo[s : s + cfg.batch_size]
-            imgs = generate_images(pipe, [b.prompt for b in batch], [b.seed for b in batch], cfg)
+            prompts, seeds = [b.prompt for b in batch], [b.seed for b in batch]
+            if prompt_embeds_fn is None:
+                imgs = generate_images(pipe, prompts, seeds, cfg)
+            else:
+                imgs = generate_images(pipe, None, seeds, cfg, prompt_embeds=prompt_embeds_fn(prompts))
             for it, img in zip(batch, imgs, strict=True):
                 rel = f"images/{it.key}.png"
                 with atomic_path(out / rel) as tmp:
@@ -179,14 +191,18 @@ def generate(
     return [done[(it.prompt, it.seed)] for it in items]
 
 
-def _check_or_write_provenance(out: Path, pipe, cfg: SamplingConfig) -> None:
-    """Resuming is only sound with the same weights and sampler: refuse a directory made otherwise."""
+def _check_or_write_provenance(
+    out: Path, pipe, cfg: SamplingConfig, conditioning: dict[str, Any] | None = None
+) -> None:
+    """Resuming is only sound with the same weights, sampler and conditioning: refuse a directory made otherwise."""
     from dataclasses import asdict
 
     from erasekit.io import write_json_atomic
     from erasekit.pipeline import fingerprint
 
     prov = {"weights": fingerprint(pipe), "sampling": {k: v for k, v in asdict(cfg).items() if k != "batch_size"}}
+    if conditioning is not None:  # e.g. a recovery key; absent otherwise, so older directories still resume
+        prov["conditioning"] = conditioning
     path = out / "generation.json"
     if path.exists():
         old = json.loads(path.read_text())
