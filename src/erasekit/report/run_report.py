@@ -260,17 +260,19 @@ def before_after(
 ) -> str:
     """A table with one row per ``(concept, role)``: the original model's and the edited model's images
     of ``prompt_template.format(concept)`` on the same ``seeds`` (same initial noise per column)."""
-    from tqdm.auto import tqdm
-
     from erasekit.analysis.spectrum import edit_applied
     from erasekit.eval.generate import generate_images
 
     prompts = [prompt_template.format(c).strip() for c, _ in concepts]
     n = len(seeds)
 
-    def images(which: str) -> list[np.ndarray]:
-        bar = tqdm(prompts, desc=f"report: {which} images", disable=not progress, unit="prompt")
-        return [generate_images(pipe, [p] * n, list(seeds), sampling) for p in bar]
+    def images(which: str) -> np.ndarray:  # (P, N, H, W, 3): every prompt on every seed, batched
+        if progress:
+            print(f"report: {len(prompts)} prompts x {n} seeds from the {which} model")
+        flat = generate_images(
+            pipe, [p for p in prompts for _ in seeds], list(seeds) * len(prompts), sampling, progress=progress
+        )
+        return flat.reshape(len(prompts), n, *flat.shape[1:])
 
     before = images("original")
     with edit_applied(pipe, edit):
@@ -406,7 +408,7 @@ def hiding_section(edit, run_dir: Path, recovery_key: str | Path | None) -> tupl
         "<p>A hiding edit moves the concept behind a secret prompt (slides eq. 15) instead of removing it. "
         "The key is a secret: this page says only whether it exists, never its values.</p>"
     )
-    return ("Method trace: recovery key", body + table(["", ""], rows))
+    return ("Method trace: recovery key", body + table(["field", "value"], rows))
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -477,7 +479,7 @@ def build_run_report(
         ["method", edit.method],
         ["changed tensors", f"{len(edit.tensors)} ({sum(t.numel() for t in edit.tensors.values()):,} values)"],
     ]
-    sections: list[tuple[str, str]] = [("Request", table(["", ""], request_rows))]
+    sections: list[tuple[str, str]] = [("Request", table(["field", "value"], request_rows))]
 
     # 3. Before / after.
     shown = [(c, ERASED) for c in req.erase] + [(c, PRESERVED) for c in default_preserve(edit, preserve)]
@@ -497,8 +499,9 @@ def build_run_report(
 
     # 6. Spectra.
     for folder, spectra in find_spectra(run).items():
-        where = folder.relative_to(run)
-        sections.append((f"Sensitivity spectrum ({where})", spectrum_section(spectra)))
+        where = folder.relative_to(run).as_posix()
+        heading = "Sensitivity spectrum" + ("" if where == "." else f" ({where})")
+        sections.append((heading, spectrum_section(spectra)))
 
     # 7. Everything needed to redo it.
     trace = {k: v for k, v in edit.trace.items() if k not in ("log", "search_space", "epochs_log")}
