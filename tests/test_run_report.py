@@ -103,19 +103,25 @@ def test_rece_report_shows_derived_embeddings_and_leaves_pipe_unchanged(tiny_pip
         assert torch.equal(v, before[k]), k
 
 
-def test_ap_report_shows_the_chosen_concepts(tiny_pipe, tmp_path):
-    edit = erasekit.erase(
-        tiny_pipe, REQ, method="ap", progress=False, steps=2, ddim_steps=2, vocabulary="shapes", k=4, search_lr=1e-2
-    )
+@pytest.mark.parametrize(
+    ("method", "field", "title"), [("ap", "adversarial", "adversarial"), ("age", "targets", "target")]
+)
+def test_ap_and_age_reports_show_the_chosen_concepts(tiny_pipe, tmp_path, method, field, title):
+    fast = dict(steps=2, ddim_steps=2, vocabulary="shapes", k=4, search_lr=1e-2)
+    edit = erasekit.erase(tiny_pipe, REQ, method=method, progress=False, **fast)
     run = save_run(edit, tmp_path / "run")
-    path = build_run_report(run, pipe=tiny_pipe, seeds=range(1), preserve=["circle"], sampling=FAST, progress=False)
+    path = build_run_report(
+        run, pipe=tiny_pipe, seeds=range(1), preserve=["circle", "triangle"], sampling=FAST, progress=False
+    )
     page = path.read_text()
     check_self_contained(page)
-    assert "Method trace: adversarial concept for “triangle”" in page and "Method trace: search space" in page
-    chosen = {a["concept"] for r in edit.trace["log"] for a in r["adversarial"]}
-    assert all(c in page for c in chosen)
-    assert "from step" in page  # the run-length table of method_trace_section
+    assert f"Method trace: {title} concept for “triangle”" in page and "Method trace: search space" in page
+    assert f"The {title} concept" in page
+    chosen = {a["concept"] for r in edit.trace["log"] for a in r[field]}
+    assert chosen and all(f"<td>{c}</td>" in page for c in chosen)  # in the run-length table
+    assert "from step" in page
     assert ">square<" not in page  # `preserve` replaced the request's preserved concepts
+    assert page.count("<b>triangle</b><br>") == 1  # an erased concept in `preserve` is not shown twice
 
 
 def test_hide_report_says_whether_the_key_matches_but_never_shows_it(tiny_pipe, tmp_path):

@@ -238,8 +238,13 @@ def _img(img: Image.Image, alt: str) -> Markup:
 def default_preserve(edit, preserve: Sequence[str] | None, limit: int = MINIATURE_PRESERVE) -> list[str]:
     """The preserved concepts shown: ``preserve``, else the request's (first ``limit``), else on the
     miniature the first ``limit`` objects that were not erased."""
+    if isinstance(preserve, str):
+        raise ValueError(
+            f"`preserve` must be a list of concepts, got the string {preserve!r}; wrap it: [{preserve!r}]."
+        )
     if preserve is not None:
-        return [c for c in (p.strip() for p in preserve) if c]
+        erased = set(edit.request.erase)
+        return list(dict.fromkeys(c for c in (p.strip() for p in preserve) if c and c not in erased))
     if edit.request.preserve:
         return list(edit.request.preserve[:limit])
     from erasekit.world.shapes import OBJECTS
@@ -320,7 +325,8 @@ def chosen_concept_sections(edit) -> list[tuple[str, str]]:
         recs = [{"step": s, "concept": ch} for s, e, ch in picks if e == c and ch != ""]
         if recs:
             body = f"<p>The {html.escape(what)} chosen for <b>{html.escape(c)}</b> at each training step.</p>"
-            out.append((f"Method trace: {key} concept for “{c}”", body + method_trace_section(log=recs, key="concept")))
+            heading = f"Method trace: {what.split()[0]} concept for “{c}”"
+            out.append((heading, body + method_trace_section(log=recs, key="concept")))
     space = edit.trace.get("search_space")
     if isinstance(space, dict) and space:
         rows = [
@@ -447,6 +453,8 @@ def build_run_report(
     edit_dir = find_edit_dir(run)
     edit = Edit.load(edit_dir)
     run_config = _read_json(run / "config.json") or _read_json(edit_dir / "config.json")
+    if isinstance(seeds, int | str):
+        raise ValueError(f"`seeds` must be a sequence of integers, e.g. range(6); got {seeds!r}.")
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("`seeds` is empty: give at least one seed, e.g. seeds=range(6).")
