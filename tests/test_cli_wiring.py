@@ -340,3 +340,18 @@ def test_documented_commands_and_flags_exist(doc):
     assert len(cmds) >= 5
     for args in cmds:
         _check_command(root, args)
+
+
+# ---------------------------------------------------------------------- run report (issue 6)
+def test_erase_with_report_and_report_command(tiny_pipe_dir, work):
+    run = work / "uce-report"
+    r = _ok("erase", "--model", tiny_pipe_dir, "--erase", "star", "--out", run, "--report", "--report-seeds", "0:1")
+    page = run / "report.html"
+    assert f"report: {page}" in r.output
+    html = page.read_text()
+    assert "star" in html and "data:image/png;base64," in html
+    page.unlink()
+    other = work / "elsewhere.html"
+    _ok("report", run, "--seeds", "3", "--steps", "1", "--out", other)
+    assert other.exists() and not page.exists()
+    _fails("does not exist", "report", work / "no-such-run")

@@ -165,6 +165,8 @@ def erase(
     seed: Annotated[int, typer.Option(help="Random seed for methods that sample.")] = 0,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty run directory.")] = False,
+    report: Annotated[bool, typer.Option(help="Also write RUN/report.html (before/after images, traces).")] = False,
+    report_seeds: Annotated[str, typer.Option(help="Seeds of the report's before/after grids.")] = "0:6",
 ) -> None:
     """Erase concepts from a model and save the edit as a run directory."""
     import time
@@ -198,9 +200,56 @@ def erase(
                 seed=seed,
                 seconds=seconds,
             )
+        if report:
+            from erasekit.eval.distributed import parse_seeds
+            from erasekit.report.run_report import build_run_report
+
+            page = build_run_report(out, pipe=pipe, seeds=parse_seeds(report_seeds))
     except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError) as e:
         _fail(e)
     typer.echo(f"{method} erased {request.erase} in {seconds:.2f} s; {len(edit.tensors)} tensors changed -> {out}")
+    if report:
+        typer.echo(f"report: {page}")
+
+
+@app.command("report")
+def report_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory of `erasekit erase --out`.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Base model (default: the edit's own).")] = None,
+    seeds: Annotated[str, typer.Option(help="Seeds of the before/after grids: '0:6' or '1,5,7'.")] = "0:6",
+    preserve: Annotated[list[str] | None, typer.Option("--preserve", "-p", help="Preserved concepts to show.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps (default: the model's).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    prompt_template: Annotated[str, typer.Option(help="Prompt of each concept, e.g. 'a photo of a {}'.")] = "{}",
+    recovery_key: Annotated[Path | None, typer.Option(help="Hiding: check this recovery key against the edit.")] = None,
+    rece_model: Annotated[
+        str, typer.Option(help="RECE Fig. 5 images from each 'epoch' model or the 'final' one.")
+    ] = "epoch",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where to write the page (default: RUN/report.html).")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML report of an erase run (request, config, before/after, metrics, traces, spectra)."""
+    from erasekit.eval.distributed import parse_seeds
+    from erasekit.eval.generate import SamplingConfig
+    from erasekit.report.run_report import build_run_report
+
+    try:
+        sampling = SamplingConfig(steps, guidance) if steps is not None or guidance is not None else None
+        page = build_run_report(
+            run,
+            model=model,
+            seeds=parse_seeds(seeds),
+            preserve=_split(preserve) or None,
+            sampling=sampling,
+            prompt_template=prompt_template,
+            recovery_key=recovery_key,
+            rece_model=rece_model,
+            out=out,
+        )
+    except ERRORS as e:
+        _fail(e)
+    typer.echo(f"report: {page}")
 
 
 def _warn_split_words(pipe, concepts: list[str]) -> None:
