@@ -10,6 +10,9 @@ top-5 becomes top-3.
 Hyperparameters are the papers' (1000 steps, Adam lr 1e-5, eta 1, start guidance 3, DDIM 50, AP:
 N_iter 2, eta_search 1e-3, lambda 1, temperature 2) by default. Changes the miniature needs:
 
+- AP is run twice: as paper eq. 5 writes it (L1 target eps(c_t), row "AP") and with ESD's
+  negative-guidance target eta = 1 as the authors' script does (row "AP (η=1)"; same erase loss as
+  ESD plus AP's preservation, so it isolates what the preservation costs or buys).
 - AP's and AGE's concept space is the miniature's own vocabulary (about 60 words; its text encoder
   never saw other words), so K is that vocabulary (minus the erased objects) instead of 100.
 - Compute (2 CPU cores): the measured table used ``--steps 200 --ddim-steps 20 --lr 5e-4`` for every
@@ -62,6 +65,7 @@ ROWS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "esd-x": ("esd", {"train_method": "xattn"}),
     "esd-u": ("esd", {"train_method": "noxattn"}),
     "ap": ("ap", {}),
+    "ap-eta1": ("ap", {"negative_guidance": 1.0}),
     "age": ("age", {}),
     "hide": ("hide", {}),
 }
@@ -73,6 +77,7 @@ LABELS = {
     "esd-x": "ESD-x",
     "esd-u": "ESD-u",
     "ap": "AP",
+    "ap-eta1": "AP (η=1)",
     "age": "AGE",
     "hide": "Hiding",
 }
