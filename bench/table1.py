@@ -244,7 +244,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.vocabulary == "auto":
             args.vocabulary = "shapes"
     else:
+        from erasekit.eval.detectors import load_detector
+
         pipe = erasekit.load_pipeline(args.model)
+        detector = load_detector("shapes")  # also scores the recovery-key images (RSR) of the hiding row
     settings = {
         "model": "tiny" if args.tiny else args.model,
         "base": erasekit.pipeline.base_info(pipe).get("fingerprint"),
