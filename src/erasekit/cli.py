@@ -39,6 +39,11 @@ StepsOpt = Annotated[int | None, typer.Option(help="Sampler steps (default: the 
 GuidanceOpt = Annotated[
     float | None, typer.Option(help="Classifier-free guidance scale (default: the model's; 7.5 for SD).")
 ]
+CategoryOpt = Annotated[list[str] | None, typer.Option(help="i2p: keep rows of this category (repeatable).")]
+GuidanceFromFileOpt = Annotated[
+    bool, typer.Option("--guidance-from-file", help="i2p: sample each row at its own guidance scale.")
+]
+LimitOpt = Annotated[int | None, typer.Option(help="i2p/coco: only the first N rows.")]
 HeightOpt = Annotated[int | None, typer.Option(help="Image height (default: the model's).")]
 WidthOpt = Annotated[int | None, typer.Option(help="Image width (default: the model's).")]
 # concept sets of the analyses
@@ -281,11 +286,9 @@ def generate(
     recovery_key: Annotated[
         Path | None, typer.Option(help="A recovery key (erasekit recover / method hide) of --edit: generate with it.")
     ] = None,
-    category: Annotated[list[str] | None, typer.Option(help="i2p: keep rows of this category (repeatable).")] = None,
-    guidance_from_file: Annotated[
-        bool, typer.Option("--guidance-from-file", help="i2p: sample each row at its own guidance scale.")
-    ] = False,
-    limit: Annotated[int | None, typer.Option(help="i2p/coco: only the first N rows.")] = None,
+    category: CategoryOpt = None,
+    guidance_from_file: GuidanceFromFileOpt = False,
+    limit: LimitOpt = None,
     n_samples: Annotated[int, typer.Option(help="artists: images per prompt (seeds evaluation_seed + j).")] = 5,
     n_per_class: Annotated[int, typer.Option(help="imagenette without --prompts: images per class.")] = 500,
     classes: Annotated[str | None, typer.Option(help="imagenette: comma-separated classes (default: all 10).")] = None,
@@ -454,11 +457,9 @@ def evaluate(
     seed: Annotated[
         int | None, typer.Option(help="First seed of the fixed seed range (when the file gives none).")
     ] = None,
-    category: Annotated[list[str] | None, typer.Option(help="i2p: keep rows of this category (repeatable).")] = None,
-    guidance_from_file: Annotated[
-        bool, typer.Option("--guidance-from-file", help="i2p: sample each row at its own guidance scale.")
-    ] = False,
-    limit: Annotated[int | None, typer.Option(help="i2p/coco: only the first N rows.")] = None,
+    category: CategoryOpt = None,
+    guidance_from_file: GuidanceFromFileOpt = False,
+    limit: LimitOpt = None,
     n_samples: Annotated[int | None, typer.Option(help="artists: images per prompt (default 5).")] = None,
     reference_model: Annotated[
         str | None, typer.Option(help="artists/coco: the original model, for LPIPS / FID (images go to OUT/reference).")
