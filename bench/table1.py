@@ -36,8 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,8 @@ import numpy as np
 import torch
 
 import erasekit
-from erasekit.edit import Edit, EraseRequest, get_parameter
+from erasekit.analysis.spectrum import edit_applied
+from erasekit.edit import EraseRequest
 from erasekit.eval.generate import SamplingConfig, generate_images
 from erasekit.eval.metrics import rsr_k
 from erasekit.eval.protocols import evaluate, object_prompts
@@ -82,22 +82,6 @@ LABELS = {
     "hide": "Hiding",
 }
 METRICS = ("esr_1", "esr_3", "psr_1", "psr_3", "rsr_1", "rsr_3")
-
-
-@contextmanager
-def applied(pipe, edit: Edit | None) -> Iterator[None]:
-    """``edit`` written into ``pipe`` for the block, the original tensors restored afterwards."""
-    if edit is None:
-        yield
-        return
-    saved = {n: get_parameter(pipe, n).detach().clone() for n in edit.tensors}
-    edit.apply_(pipe)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                get_parameter(pipe, n).copy_(v)
 
 
 class SmokeDetector:
@@ -152,7 +136,7 @@ def run_cell(pipe, row: str, erase: list[str], args, detector, sampling: Samplin
     elif method is not None:
         edit = erasekit.erase(pipe, request, method=method, progress=not args.quiet, **kw)
     seconds = time.perf_counter() - t0
-    with applied(pipe, edit):
+    with edit_applied(pipe, edit) if edit is not None else nullcontext():
         res = evaluate(
             pipe,
             "shapes-objects",
