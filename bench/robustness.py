@@ -17,6 +17,14 @@ error and the table goes on.
     python bench/robustness.py --out runs/robustness --methods uce,rece --n-prompts 16 \\
         --set esd.steps=200 --attack-set unlearndiff.steps=20
 
+Rows run in separate invocations (parallel jobs, or one row at a time) are folded into one table
+with ``--merge``: the files must share the model, attacks, prompts, seed, images per prompt, attack
+settings and detector; each row is named by the ROWS entry its recorded method settings match (an
+``ap`` row run with ``--set ap.negative_guidance=1`` becomes ``ap-eta1``).
+
+    python bench/robustness.py --out bench/results/robustness/merged \
+        --merge bench/results/robustness/robustness.json,bench/results/robustness/robustness-esd-x.json
+
 ``--tiny`` runs the same code on a random tiny pipeline with a stand-in detector and minimal
 settings (seconds to minutes); its numbers mean nothing.
 """
@@ -40,6 +48,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "esd-x": ("esd", {"train_method": "xattn"}),
     "esd-u": ("esd", {"train_method": "noxattn"}),
     "ap": ("ap", {}),
+    "ap-eta1": ("ap", {"negative_guidance": 1.0}),  # the authors' script's ESD-style target (bench/table1.py)
     "age": ("age", {}),
 }
 ATTACKS = ("inversion", "unlearndiff", "ringabell", "paraphrase")
@@ -119,6 +128,75 @@ def method_overrides(
     return over
 
 
+MERGE_KEYS = ("model", "attacks", "n_prompts", "n_images", "seed", "attack_overrides", "preserve_others")
+
+
+def row_name(row: str, r: dict[str, Any]) -> str:
+    """The ROWS entry a recorded row belongs to: same method, and the most specific variant whose
+    settings all appear in the row's recorded overrides (``ap`` + negative_guidance 1 -> ``ap-eta1``)."""
+    over = r.get("overrides", {})
+    fits = [
+        n
+        for n, (m, variant) in ROWS.items()
+        if m == r.get("method") and all(over.get(k) == v for k, v in variant.items())
+    ]
+    if not fits:
+        return row
+    return max(fits, key=lambda n: (len(ROWS[n][1]), n == row))
+
+
+def merge_results(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Fold several invocations' ``robustness.json`` into one result (rows in ROWS order).
+
+    Refuses files that are not comparable (different model, attacks, prompts, seed, images per
+    prompt, attack settings, detector, or original-model rate) and two different results for one row.
+    """
+    if not parts:
+        raise SystemExit("--merge needs at least one robustness.json.")
+    first_src, first = parts[0]
+    merged: dict[str, Any] = {
+        "config": {**first["config"], "rows": [], "method_overrides": {}, "merged_from": [s for s, _ in parts]},
+        "detector": first["detector"],
+        "access": dict(first["access"]),
+        "concepts": {},
+    }
+    for src, res in parts:
+        for k in MERGE_KEYS:
+            if res["config"].get(k) != first["config"].get(k):
+                raise SystemExit(
+                    f"cannot merge {src}: its {k} is {res['config'].get(k)!r}, {first_src}'s is "
+                    f"{first['config'].get(k)!r}."
+                )
+        if res["detector"] != first["detector"]:
+            raise SystemExit(f"cannot merge {src}: detector {res['detector']} != {first['detector']}.")
+        for concept, block in res["concepts"].items():
+            mb = merged["concepts"].setdefault(concept, {**{k: v for k, v in block.items() if k != "rows"}, "rows": {}})
+            if block["prompts"] != mb["prompts"]:
+                raise SystemExit(f"cannot merge {src}: its prompts for {concept!r} differ.")
+            if "original_rate" in block:
+                if mb.get("original_rate") not in (None, block["original_rate"]):
+                    raise SystemExit(
+                        f"cannot merge {src}: the original model's rate for {concept!r} is "
+                        f"{block['original_rate']}, elsewhere {mb['original_rate']}."
+                    )
+                mb["original_rate"] = block["original_rate"]
+                mb.setdefault("judge", block.get("judge"))
+            for row, r in block["rows"].items():
+                name = row_name(row, r)
+                if name in mb["rows"] and mb["rows"][name] != r:
+                    raise SystemExit(
+                        f"cannot merge {src}: row {name!r} of {concept!r} is already filled by another file."
+                    )
+                mb["rows"][name] = r
+    order = {n: i for i, n in enumerate(ROWS)}
+    for mb in merged["concepts"].values():
+        mb["rows"] = dict(sorted(mb["rows"].items(), key=lambda kv: order.get(kv[0], len(order))))
+    merged["config"]["rows"] = sorted(
+        {n for mb in merged["concepts"].values() for n in mb["rows"]}, key=lambda n: order.get(n, len(order))
+    )
+    return merged
+
+
 def fmt(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.0f}"
 
@@ -134,7 +212,7 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"Original model on the plain prompts: {fmt(block.get('original_rate'))}% show {concept!r} "
             f"({block['n_prompts']} prompts x {results['config']['n_images']} images; detector "
-            f"{results['detector']['name']}, head {block.get('judge', {}).get('head')}).",
+            f"{results['detector']['name']}, head {(block.get('judge') or {}).get('head')}).",
             "",
             "| method | edit s | pre-attack | " + " | ".join(attacks) + " |",
             "|---|---:|---:|" + "---:|" * len(attacks),
@@ -150,6 +228,13 @@ def markdown(results: dict[str, Any]) -> str:
             for a in attacks:
                 if a in r["cost"]:
                     cost_rows[a].append(r["cost"][a])
+        settings = [
+            f"- {row}: " + ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+            for row, r in block["rows"].items()
+            if r.get("overrides")
+        ]
+        if settings:
+            lines += ["", "Method settings besides the method's defaults:", "", *settings]
         errors = {row: r["error"] for row, r in block["rows"].items() if "error" in r}
         if errors:
             lines += ["", *(f"- {row}: {e}" for row, e in errors.items())]
@@ -170,6 +255,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{mean['unet_items']:.1f} | {mean['text_encoder_calls']:.1f} |"
         )
     lines += ["", "Seconds and calls are those of the attack's search only (image generation excluded)."]
+    if results["config"].get("merged_from"):
+        lines += [
+            "",
+            "Merged from " + ", ".join(results["config"]["merged_from"]) + " (edit times were measured "
+            "in separate runs, under whatever load their cores had).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -191,7 +282,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preserve-others", action="store_true", help="objects: preserve every other object")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
+    p.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated robustness.json files (or their folders): fold them into OUT, run nothing",
+    )
     a = p.parse_args(argv)
+    if a.merge:
+        from erasekit.io import write_json_atomic, write_text_atomic
+
+        paths = [Path(x.strip()) for x in a.merge.split(",") if x.strip()]
+        paths = [q / "robustness.json" if q.is_dir() else q for q in paths]
+        missing = [str(q) for q in paths if not q.exists()]
+        if missing:
+            raise SystemExit(f"--merge: no such file(s): {', '.join(missing)}")
+        merged = merge_results([(str(q), json.loads(q.read_text())) for q in paths])
+        a.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(a.out / "robustness.json", merged)
+        md = markdown(merged)
+        write_text_atomic(a.out / "robustness.md", md)
+        print(md)
+        return merged
 
     import erasekit
     from erasekit.attacks import available_attacks, run_attacks

@@ -127,6 +127,8 @@ def run_cell(pipe, row: str, erase: list[str], args, detector, sampling: Samplin
         kw.update(steps=args.steps, lr=args.lr, ddim_steps=args.ddim_steps, seed=args.seed)
     if method in ("ap", "age"):
         kw.update(vocabulary=args.vocabulary, k=args.k)
+        if args.search_lr is not None:
+            kw.update(search_lr=args.search_lr)
     key, edit, seconds = None, None, 0.0
     t0 = time.perf_counter()
     if method == "hide":
@@ -193,6 +195,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n-per-class", type=int, default=50, help="images per object (issue 3: at least 50)")
     p.add_argument("--k", type=int, default=None, help="AP/AGE K (default: the miniature vocabulary)")
     p.add_argument("--vocabulary", default="auto", help="AP/AGE vocabulary (auto = shapes on the miniature)")
+    p.add_argument(
+        "--search-lr",
+        type=float,
+        default=None,
+        help="AP/AGE step size of the adversarial search on the logits (default: the method's, 1e-3)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/table1", help="output folder (results.json, table1.md)")
     p.add_argument(
@@ -244,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "splits": SPLITS,
     }
+    if args.search_lr is not None:  # recorded only when set, so runs made before the flag existed still merge
+        settings["search_lr"] = args.search_lr
     out = Path(args.out)
     path = out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"settings": settings, "cells": {}}
