@@ -159,7 +159,11 @@ def run_cell(pipe, row: str, erase: list[str], args, detector, sampling: Samplin
     cell["erase"] = erase
     if edit is not None and "log" in edit.trace:
         cell["chosen"] = [
-            [r["step"], [[a["erase"], a.get("concept")] for a in r.get("adversarial", r.get("targets", []))]]
+            # (erased, chosen concept, the chosen concept's probability under the search's logits)
+            [
+                r["step"],
+                [[a["erase"], a.get("concept"), a.get("p")] for a in r.get("adversarial", r.get("targets", []))],
+            ]
             for r in edit.trace["log"]
             if r.get("adversarial") or r.get("targets")
         ]
