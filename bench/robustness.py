@@ -197,6 +197,18 @@ def merge_results(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     return merged
 
 
+def write_outputs(out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Write ``robustness.json`` and ``robustness.md`` under ``out`` (atomically) and print the tables."""
+    from erasekit.io import write_json_atomic, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "robustness.json", results)
+    md = markdown(results)
+    write_text_atomic(out / "robustness.md", md)
+    print(md)
+    return results
+
+
 def fmt(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.0f}"
 
@@ -289,27 +301,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     a = p.parse_args(argv)
     if a.merge:
-        from erasekit.io import write_json_atomic, write_text_atomic
-
         paths = [Path(x.strip()) for x in a.merge.split(",") if x.strip()]
         paths = [q / "robustness.json" if q.is_dir() else q for q in paths]
         missing = [str(q) for q in paths if not q.exists()]
         if missing:
             raise SystemExit(f"--merge: no such file(s): {', '.join(missing)}")
-        merged = merge_results([(str(q), json.loads(q.read_text())) for q in paths])
-        a.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(a.out / "robustness.json", merged)
-        md = markdown(merged)
-        write_text_atomic(a.out / "robustness.md", md)
-        print(md)
-        return merged
+        return write_outputs(a.out, merge_results([(str(q), json.loads(q.read_text())) for q in paths]))
 
     import erasekit
     from erasekit.attacks import available_attacks, run_attacks
     from erasekit.edit import Edit, EraseRequest
     from erasekit.eval.detectors import load_detector
     from erasekit.eval.generate import SamplingConfig
-    from erasekit.io import write_json_atomic, write_text_atomic
+    from erasekit.io import write_json_atomic
     from erasekit.methods.base import available_methods
     from erasekit.pipeline import base_info
     from erasekit.world.shapes import OBJECTS
@@ -447,12 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write_json_atomic(a.out / "robustness.json", results)  # partial results survive a crash
     restore_(edited, original, applied)
     results["seconds"] = round(time.perf_counter() - t_all, 2)
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(a.out / "robustness.json", results)
-    md = markdown(results)
-    write_text_atomic(a.out / "robustness.md", md)
-    print(md)
-    return results
+    return write_outputs(a.out, results)
 
 
 if __name__ == "__main__":
