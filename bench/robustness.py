@@ -8,8 +8,9 @@ concept: the unsafe motif ("fire") and one object ("triangle").
 
 Everything is resumable: edits are saved under ``OUT/edits/<concept>/<row>/`` and reloaded (a saved
 edit made with other settings is refused), attack runs under ``OUT/attacks/<concept>/<row>/<attack>/``
-skip prompts already done. Results for the concepts and rows of the invocation go to
-``OUT/robustness.json`` and ``OUT/robustness.md``. A row whose method fails is recorded with its
+skip prompts already done. Results go to ``OUT/robustness.json`` and ``OUT/robustness.md``; rows
+that earlier invocations with the same comparable settings left there are kept, so one ``--out``
+can be filled a row at a time. A row whose method fails is recorded with its
 error and the table goes on.
 
     python bench/robustness.py --tiny --out runs/robustness-tiny      # smoke test, random tiny model
@@ -197,6 +198,29 @@ def merge_results(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     return merged
 
 
+def carry_over(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Start ``results`` from the rows an earlier invocation left in ``path``, so that one ``--out``
+    accumulates a table run a row at a time (a row run again replaces its entry). Results made with
+    other comparable settings (:data:`MERGE_KEYS`, detector) are refused before any work is done."""
+    if not path.exists():
+        return results
+    old = json.loads(path.read_text())
+    diff = [k for k in MERGE_KEYS if old["config"].get(k) != results["config"].get(k)]
+    if old.get("detector") != results["detector"]:
+        diff.append("detector")
+    if diff:
+        theirs = {k: old["config"].get(k, old.get(k)) for k in diff}
+        raise SystemExit(
+            f"{path} holds results made with other settings {theirs}; use another --out, or these settings."
+        )
+    results["concepts"] = dict(old.get("concepts", {}))
+    results["config"]["rows"] = list(dict.fromkeys([*old["config"].get("rows", []), *results["config"]["rows"]]))
+    results["config"]["concepts"] = list(
+        dict.fromkeys([*old["config"].get("concepts", []), *results["config"]["concepts"]])
+    )
+    return results
+
+
 def write_outputs(out: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Write ``robustness.json`` and ``robustness.md`` under ``out`` (atomically) and print the tables."""
     from erasekit.io import write_json_atomic, write_text_atomic
@@ -229,7 +253,8 @@ def markdown(results: dict[str, Any]) -> str:
             "| method | edit s | pre-attack | " + " | ".join(attacks) + " |",
             "|---|---:|---:|" + "---:|" * len(attacks),
         ]
-        for row, r in block["rows"].items():
+        order = {n: i for i, n in enumerate(ROWS)}
+        for row, r in sorted(block["rows"].items(), key=lambda kv: order.get(kv[0], len(order))):
             if "error" in r:
                 lines.append(f"| {row} | - | - | " + " | ".join("error" for _ in attacks) + " |")
                 continue
@@ -369,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "access": {x: "white-box" if known[x].white_box else "black-box" for x in attacks},
         "concepts": {},
     }
+    results = carry_over(a.out / "robustness.json", results)
     if skipped:
         print(f"skipping rows whose method is not registered: {', '.join(skipped)}", file=sys.stderr)
     t_all = time.perf_counter()
@@ -377,8 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from erasekit.attacks import default_prompts
 
         prompts = default_prompts(concept, a.n_prompts)
-        block: dict[str, Any] = {"n_prompts": len(prompts), "prompts": prompts, "rows": {}}
-        results["concepts"][concept] = block
+        block: dict[str, Any] = results["concepts"].setdefault(concept, {"rows": {}})
+        block.update(n_prompts=len(prompts), prompts=prompts)
         preserve = [o for o in OBJECTS if o != concept] if a.preserve_others and concept in OBJECTS else []
         for row in rows:
             method = ROWS[row][0]

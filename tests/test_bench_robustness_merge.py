@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,15 @@ def test_merge_refuses_incomparable_files(other, message):
     a = _result({"uce": _row("uce", 1.0)})
     with pytest.raises(SystemExit, match=message):
         robustness.merge_results([("a", a), ("b", other)])
+
+
+def test_carry_over_keeps_earlier_rows_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "robustness.json"
+    fresh = _result({})
+    assert robustness.carry_over(path, copy.deepcopy(fresh)) == fresh  # nothing there yet
+    path.write_text(json.dumps(_result({"uce": _row("uce", 1.0)})))
+    kept = robustness.carry_over(path, _result({}))
+    assert kept["concepts"]["fire"]["rows"] == {"uce": _row("uce", 1.0)}
+    assert kept["config"]["rows"] == ["uce"]
+    with pytest.raises(SystemExit, match="n_prompts"):
+        robustness.carry_over(path, _result({}, n_prompts=1))
