@@ -50,7 +50,7 @@ from erasekit.eval.generate import SamplingConfig, generate_images
 from erasekit.eval.metrics import rsr_k
 from erasekit.eval.protocols import evaluate, object_prompts
 from erasekit.io import write_json_atomic, write_text_atomic
-from erasekit.world.shapes import COLOURS, OBJECTS
+from erasekit.world.shapes import COLOURS, OBJECTS, SYNONYMS
 
 SPLITS: list[list[str]] = [
     ["circle", "square", "triangle", "star", "heart"],
@@ -129,6 +129,8 @@ def run_cell(pipe, row: str, erase: list[str], args, detector, sampling: Samplin
         kw.update(vocabulary=args.vocabulary, k=args.k)
         if args.search_lr is not None:
             kw.update(search_lr=args.search_lr)
+        if args.exclude_synonyms:
+            kw.update(exclude=[s for o in erase for s in SYNONYMS[o]])
     key, edit, seconds = None, None, 0.0
     t0 = time.perf_counter()
     if method == "hide":
@@ -205,6 +207,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="AP/AGE step size of the adversarial search on the logits (default: the method's, 1e-3)",
     )
+    p.add_argument(
+        "--exclude-synonyms",
+        action="store_true",
+        help="AP/AGE: keep the erased objects' synonyms out of the search space (AGE paper: not synonyms)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/table1", help="output folder (results.json, table1.md)")
     p.add_argument(
@@ -256,8 +263,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "splits": SPLITS,
     }
-    if args.search_lr is not None:  # recorded only when set, so runs made before the flag existed still merge
+    # recorded only when set, so that runs made before these flags existed still merge
+    if args.search_lr is not None:
         settings["search_lr"] = args.search_lr
+    if args.exclude_synonyms:
+        settings["exclude_synonyms"] = True
     out = Path(args.out)
     path = out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"settings": settings, "cells": {}}

@@ -154,6 +154,21 @@ def test_pgd_and_fixed_searches(tiny_pipe):
     assert "l2_search" not in fixed.trace["log"][0]
 
 
+def test_exclude_keeps_concepts_out_of_the_search_space(tiny_pipe):
+    """AGE paper: targets 'closely related to c_e but not its synonyms' -- the user can drop them from R."""
+    kw = {**FAST, "steps": 1, "k": None}
+    full = erasekit.erase(tiny_pipe, REQ, method="ap", progress=False, **kw).trace["search_space"]
+    assert all("pyramid" in [n for n, _ in v] for v in full.values())  # k=None: the whole vocabulary
+    cut = erasekit.erase(tiny_pipe, REQ, method="ap", progress=False, exclude=["pyramid", " Box"], **kw).trace[
+        "search_space"
+    ]
+    for c in REQ.erase:
+        names = [n for n, _ in cut[c]]
+        assert "pyramid" not in names and "box" not in names and len(names) == len(full[c]) - 2
+    with pytest.raises(ValueError, match="exclude"):
+        APConfig(exclude="pyramid")
+
+
 def test_ap_bad_inputs(tiny_pipe):
     with pytest.raises(ValueError, match="larger than the vocabulary"):
         erasekit.erase(tiny_pipe, REQ, method="ap", progress=False, **{**FAST, "k": 10_000})

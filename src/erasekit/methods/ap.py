@@ -37,7 +37,7 @@ Implementation notes, where the paper and the authors' code differ:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -305,6 +305,13 @@ class APConfig(FinetuneConfig):
         default=None,
         metadata={"help": "K nearest concepts per erased concept; None = 100, or the whole vocabulary if smaller"},
     )
+    exclude: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "concepts kept out of R besides the erased ones, e.g. their synonyms (AGE paper, 'fantastic "
+            "targets': closely related to c_e but not its synonyms; a preserved synonym keeps c_e alive)"
+        },
+    )
     n_iter: int = field(default=2, metadata={"help": "N_iter: ascent steps of the search before each descent step"})
     search_lr: float = field(
         default=1e-3, metadata={"help": "eta: step size of the search (the logits' learning rate)"}
@@ -331,6 +338,9 @@ class APConfig(FinetuneConfig):
             raise ValueError(f"`search` must be 'gumbel', 'pgd' or 'fixed', got {self.search!r}.")
         if self.k is not None and self.k <= 0:
             raise ValueError(f"`k` must be > 0 (or None for the default), got {self.k}.")
+        if isinstance(self.exclude, str) or not all(isinstance(c, str) for c in self.exclude):
+            raise ValueError(f"`exclude` must be a list of concept strings, e.g. ['pyramid'], got {self.exclude!r}.")
+        self.exclude = list(self.exclude)
         if self.n_iter < 0:
             raise ValueError(f"`n_iter` must be >= 0, got {self.n_iter}.")
         if not self.search_lr > 0:
@@ -380,15 +390,19 @@ class SearchSpace:
         }
 
 
-def build_search_space(ctx: FinetuneContext, erase: list[str], vocabulary: str, k: int | None) -> SearchSpace:
-    """R for every erased concept: its K nearest vocabulary concepts (other erased concepts excluded)."""
+def build_search_space(
+    ctx: FinetuneContext, erase: list[str], vocabulary: str, k: int | None, exclude: Sequence[str] = ()
+) -> SearchSpace:
+    """R for every erased concept: its K nearest vocabulary concepts (AP appendix B.1), the erased
+    concepts and ``exclude`` left out."""
     spec = resolve_vocabulary(ctx.pipe, vocabulary)
     words = load_vocabulary(spec, tokenizer=ctx.pipe.tokenizer)
-    available = len({w.strip().lower() for w in words} - {c.lower() for c in erase})
+    dropped = [*erase, *exclude]
+    available = len({w.strip().lower() for w in words} - {c.strip().lower() for c in dropped})
     k_eff = k if k is not None else min(PAPER_K, available)
     names, sims = [], []
     for c in erase:
-        near = nearest_concepts(ctx.pipe, c, words, k_eff, exclude=erase)
+        near = nearest_concepts(ctx.pipe, c, words, k_eff, exclude=dropped)
         names.append([n for n, _ in near])
         sims.append([s for _, s in near])
     emb = torch.stack([ctx.embed(ns) for ns in names])  # (E, K, 77, D)
@@ -401,7 +415,7 @@ def make_search(ctx: FinetuneContext, request: EraseRequest, config: APConfig) -
         return FixedSearch(config.fixed_concept, ctx.embed([config.fixed_concept])[0]), {
             "fixed_concept": config.fixed_concept
         }
-    space = build_search_space(ctx, request.erase, config.vocabulary, config.k)
+    space = build_search_space(ctx, request.erase, config.vocabulary, config.k, config.exclude)
     if config.search == "gumbel":
         search: Search = GumbelSearch(
             space.names,
