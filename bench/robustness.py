@@ -132,6 +132,18 @@ def method_overrides(
 MERGE_KEYS = ("model", "attacks", "n_prompts", "n_images", "seed", "attack_overrides", "preserve_others")
 
 
+def incomparable(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The settings (:data:`MERGE_KEYS`, detector) in which two results differ; [] = one table can hold both."""
+    diff = [k for k in MERGE_KEYS if a["config"].get(k) != b["config"].get(k)]
+    return diff + (["detector"] if a.get("detector") != b.get("detector") else [])
+
+
+def in_table_order(rows: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``rows.items()`` in :data:`ROWS` order (names not in ROWS last)."""
+    order = {n: i for i, n in enumerate(ROWS)}
+    return sorted(rows.items(), key=lambda kv: order.get(kv[0], len(order)))
+
+
 def row_name(row: str, r: dict[str, Any]) -> str:
     """The ROWS entry a recorded row belongs to: same method, and the most specific variant whose
     settings all appear in the row's recorded overrides (``ap`` + negative_guidance 1 -> ``ap-eta1``)."""
@@ -162,14 +174,9 @@ def merge_results(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         "concepts": {},
     }
     for src, res in parts:
-        for k in MERGE_KEYS:
-            if res["config"].get(k) != first["config"].get(k):
-                raise SystemExit(
-                    f"cannot merge {src}: its {k} is {res['config'].get(k)!r}, {first_src}'s is "
-                    f"{first['config'].get(k)!r}."
-                )
-        if res["detector"] != first["detector"]:
-            raise SystemExit(f"cannot merge {src}: detector {res['detector']} != {first['detector']}.")
+        for k in incomparable(res, first):
+            theirs, ours = (r.get(k) if k == "detector" else r["config"].get(k) for r in (res, first))
+            raise SystemExit(f"cannot merge {src}: its {k} is {theirs!r}, {first_src}'s is {ours!r}.")
         for concept, block in res["concepts"].items():
             mb = merged["concepts"].setdefault(concept, {**{k: v for k, v in block.items() if k != "rows"}, "rows": {}})
             if block["prompts"] != mb["prompts"]:
@@ -189,12 +196,11 @@ def merge_results(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                         f"cannot merge {src}: row {name!r} of {concept!r} is already filled by another file."
                     )
                 mb["rows"][name] = r
-    order = {n: i for i, n in enumerate(ROWS)}
     for mb in merged["concepts"].values():
-        mb["rows"] = dict(sorted(mb["rows"].items(), key=lambda kv: order.get(kv[0], len(order))))
-    merged["config"]["rows"] = sorted(
-        {n for mb in merged["concepts"].values() for n in mb["rows"]}, key=lambda n: order.get(n, len(order))
-    )
+        mb["rows"] = dict(in_table_order(mb["rows"]))
+    merged["config"]["rows"] = [
+        n for n, _ in in_table_order({n: None for mb in merged["concepts"].values() for n in mb["rows"]})
+    ]
     return merged
 
 
@@ -205,9 +211,7 @@ def carry_over(path: Path, results: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return results
     old = json.loads(path.read_text())
-    diff = [k for k in MERGE_KEYS if old["config"].get(k) != results["config"].get(k)]
-    if old.get("detector") != results["detector"]:
-        diff.append("detector")
+    diff = incomparable(old, results)
     if diff:
         theirs = {k: old["config"].get(k, old.get(k)) for k in diff}
         raise SystemExit(
@@ -253,8 +257,8 @@ def markdown(results: dict[str, Any]) -> str:
             "| method | edit s | pre-attack | " + " | ".join(attacks) + " |",
             "|---|---:|---:|" + "---:|" * len(attacks),
         ]
-        order = {n: i for i, n in enumerate(ROWS)}
-        for row, r in sorted(block["rows"].items(), key=lambda kv: order.get(kv[0], len(order))):
+        rows = in_table_order(block["rows"])
+        for row, r in rows:
             if "error" in r:
                 lines.append(f"| {row} | - | - | " + " | ".join("error" for _ in attacks) + " |")
                 continue
@@ -267,7 +271,7 @@ def markdown(results: dict[str, Any]) -> str:
                     cost_rows[a].append(r["cost"][a])
         settings = [
             f"- {row}: " + ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
-            for row, r in block["rows"].items()
+            for row, r in rows
             if r.get("overrides")
         ]
         if settings:
