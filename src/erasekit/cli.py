@@ -146,16 +146,23 @@ def _edits(values: list[str]) -> dict:
 
 @app.command()
 def methods() -> None:
-    """List the erasure methods and their options."""
-    from dataclasses import MISSING, fields
+    """List the erasure methods, their presets (what each changes) and their options."""
+    from dataclasses import fields
 
     from erasekit import available_methods
+    from erasekit.methods.base import field_default, preset_diff, used_when_text
 
     for name, spec in available_methods().items():
         typer.secho(f"{name}: {spec.summary}", bold=True)
+        for pname, p in spec.presets.items():
+            mark = " (default)" if pname == spec.default_preset else ""
+            diff = preset_diff(name, pname)
+            changes = ", ".join(f"{k}={v!r}" for k, v in diff.items()) or "the defaults below"
+            typer.echo(f"  preset {pname}{mark}: {p.summary}; sets {changes}")
         for f in fields(spec.config_class):
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            typer.echo(f"    {f.name} = {default!r}  {f.metadata.get('help', '')}")
+            when = f.metadata.get("used_when")
+            note = f"  [read when {used_when_text(when)}]" if when else ""
+            typer.echo(f"    {f.name} = {field_default(f)!r}  {f.metadata.get('help', '')}{note}")
 
 
 @app.command()
@@ -163,6 +170,9 @@ def erase(
     erase: Annotated[list[str], typer.Option("--erase", "-e", help="Concept(s) to erase (repeat or comma-separate).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
     method: Annotated[str, typer.Option(help="Erasure method (see `erasekit methods`).")] = "uce",
+    preset: Annotated[
+        str | None, typer.Option(help="Method preset: paper or authors (default: the method's; `erasekit methods`).")
+    ] = None,
     preserve: Annotated[list[str] | None, typer.Option("--preserve", "-p", help="Concept(s) to preserve.")] = None,
     anchor: Annotated[str | None, typer.Option(help="What erased concepts become (default: the empty prompt).")] = None,
     model: ModelOpt = "shapes",
@@ -180,13 +190,14 @@ def erase(
     import torch
 
     from erasekit import EraseRequest, get_method, load_pipeline
+    from erasekit.methods.base import make_config, record_preset
     from erasekit.runs import parse_overrides, run_dir, write_run_config
 
     try:
         spec = get_method(method)
         request = EraseRequest(_split(erase), _split(preserve), anchor)
         overrides = parse_overrides(spec.config_class, set_ or [])
-        config = spec.config_class(**overrides)
+        config = make_config(method, preset, **overrides)
         pipe = load_pipeline(model, device=device)
         _warn_split_words(pipe, request.erase + request.preserve)
         with run_dir(out, overwrite=overwrite) as d:
@@ -194,6 +205,7 @@ def erase(
             with warnings.catch_warnings():
                 warnings.simplefilter("default")
                 edit = spec.fn(pipe, request, config, generator=torch.Generator().manual_seed(seed), progress=True)
+            edit = record_preset(edit, config)
             seconds = time.time() - t0
             edit.save(d)
             write_run_config(

@@ -81,7 +81,14 @@ class AGELoss(SearchLoss):
 
 
 @register(
-    "age", AGEConfig, "Adversarial Guide Erasure: map each erased concept to an adversarially chosen close target"
+    "age",
+    AGEConfig,
+    "Adversarial Guide Erasure: map each erased concept to an adversarially chosen close target",
+    presets={
+        "paper": ("AGE (slides eq. 14)", {}),
+        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
+    },
+    default_preset="paper",
 )
 def erase_age(
     pipe, request: EraseRequest, config: AGEConfig, *, generator: torch.Generator | None = None, progress: bool = True

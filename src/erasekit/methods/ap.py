@@ -500,7 +500,16 @@ def chosen_concepts(log: list[dict[str, Any]], key: str = "adversarial") -> list
     return [(r["step"], a["erase"], a.get("concept", "")) for r in log for a in r.get(key, [])]
 
 
-@register("ap", APConfig, "Adversarial Preservation: erase while preserving the most sensitive concept (Gumbel search)")
+@register(
+    "ap",
+    APConfig,
+    "Adversarial Preservation: erase while preserving the most sensitive concept (Gumbel search)",
+    presets={
+        "paper": ("AP paper eq. 5, Algorithms 1-2", {}),
+        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
+    },
+    default_preset="paper",
+)
 def erase_ap(
     pipe, request: EraseRequest, config: APConfig, *, generator: torch.Generator | None = None, progress: bool = True
 ) -> Edit:

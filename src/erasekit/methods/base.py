@@ -1,40 +1,89 @@
-"""The method registry: every erasure method registers its name, config dataclass and function.
+"""The method registry: every erasure method registers its name, config dataclass, function and presets.
 
 A method is ``fn(pipe, request, config, *, generator=None, progress=True) -> Edit``. It never
 mutates the caller's pipeline (it works on copies of the tensors it changes) and never evaluates.
+
+**Presets.** Every method registers at least two named presets: ``paper`` (the equations and
+hyperparameters as printed in the seed documents) and ``authors`` (what the authors' public code
+does). A preset is a dict of config values; :func:`make_config` starts from the dataclass defaults,
+applies the preset, then the caller's overrides (users can still override any field). The
+*default* preset of a method is the one whose numbers its paper reports, and the config
+dataclass's own defaults are that preset's values (``tests/test_presets.py`` checks it), so
+``Config()`` and ``make_config(name)`` agree.
+
+**No silently ignored option.** A config field may say in its metadata when it is read
+(``used_when={"search": ("pgd",)}``: only when ``search`` is ``"pgd"``). Setting such a field
+explicitly while the condition is false is an error that names the option and the setting that
+would make it count, so a user never believes an option took effect when the method ignored it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from erasekit.edit import Edit, EraseRequest
 
+PAPER, AUTHORS = "paper", "authors"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of config values and one line on what it changes and why."""
+
+    name: str
+    values: Mapping[str, Any]
+    summary: str
+
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its name, config class, erase function and a one-line summary."""
+    """A registered method: its name, config class, erase function, summary and presets."""
 
     name: str
     config_class: type
     fn: Callable[..., Edit]
     summary: str
+    presets: Mapping[str, Preset]
+    default_preset: str
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config_class: type, summary: str) -> Callable[[Callable[..., Edit]], Callable[..., Edit]]:
-    """Decorator that registers an erase function under ``name``."""
+def register(
+    name: str,
+    config_class: type,
+    summary: str,
+    *,
+    presets: Mapping[str, tuple[str, Mapping[str, Any]]],
+    default_preset: str,
+) -> Callable[[Callable[..., Edit]], Callable[..., Edit]]:
+    """Decorator that registers an erase function under ``name``.
+
+    ``presets`` maps a preset name to ``(summary, values)``; it must hold ``paper`` and ``authors``,
+    and ``default_preset`` names the one the dataclass defaults equal.
+    """
+    missing = {PAPER, AUTHORS} - set(presets)
+    if missing:
+        raise ValueError(f"Method {name!r} must register the presets 'paper' and 'authors'; missing {sorted(missing)}.")
+    if default_preset not in presets:
+        raise ValueError(f"Method {name!r}: default_preset {default_preset!r} is not one of {sorted(presets)}.")
+    valid = {f.name for f in fields(config_class)}
+    table = {}
+    for pname, (psummary, values) in presets.items():
+        bad = sorted(set(values) - valid)
+        if bad:
+            raise ValueError(f"Method {name!r}, preset {pname!r}: unknown option(s) {bad}.")
+        table[pname] = Preset(pname, dict(values), psummary)
 
     def deco(fn: Callable[..., Edit]) -> Callable[..., Edit]:
         if name in _REGISTRY:
             raise ValueError(f"Method {name!r} is registered twice.")
-        _REGISTRY[name] = MethodSpec(name, config_class, fn, summary)
+        _REGISTRY[name] = MethodSpec(name, config_class, fn, summary, table, default_preset)
         return fn
 
     return deco
@@ -54,14 +103,80 @@ def available_methods() -> dict[str, MethodSpec]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def make_config(name: str, **overrides: Any):
-    """The method's config dataclass with ``overrides``; unknown keys are an error that lists valid ones."""
+def field_default(f: Field) -> Any:
+    """A dataclass field's default value (calling its factory)."""
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return MISSING
+
+
+def used_when_text(condition: Mapping[str, Any]) -> str:
+    """``{"search": ("pgd",)}`` -> ``"search='pgd'"`` (for messages and help text)."""
+    return " and ".join(f"{k} in {tuple(v)!r}" if len(v) > 1 else f"{k}={v[0]!r}" for k, v in condition.items())
+
+
+def is_read(config: Any, f: Field) -> bool:
+    """Whether ``config`` reads field ``f`` given its other values (the field's ``used_when`` metadata)."""
+    condition = f.metadata.get("used_when")
+    if not condition:
+        return True
+    return all(getattr(config, k) in tuple(v) for k, v in condition.items())
+
+
+def check_options_read(config: Any, explicit: set[str], *, method: str, preset: str) -> None:
+    """Refuse options set explicitly (``explicit``) that ``config`` will not read (see the module docstring)."""
+    for f in fields(config):
+        if f.name in explicit and not is_read(config, f):
+            cond = f.metadata["used_when"]
+            now = ", ".join(f"{k}={getattr(config, k)!r}" for k in cond)
+            raise ValueError(
+                f"Option `{f.name}` of method {method!r} is not read with {now} (preset {preset!r}): it is read only "
+                f"when {used_when_text(cond)}. Drop `{f.name}` or set {used_when_text(cond)}."
+            )
+
+
+def resolve_preset(name: str, preset: str | None) -> Preset:
+    """The :class:`Preset` ``preset`` of method ``name`` (``None``: the method's default)."""
     spec = get_method(name)
+    chosen = spec.default_preset if preset is None else preset
+    if chosen not in spec.presets:
+        raise ValueError(
+            f"Unknown preset {chosen!r} for method {name!r}; valid presets: {', '.join(sorted(spec.presets))}."
+        )
+    return spec.presets[chosen]
+
+
+def make_config(name: str, preset: str | None = None, **overrides: Any):
+    """The method's config: dataclass defaults, then ``preset`` (default: the method's), then ``overrides``.
+
+    Unknown keys, an unknown preset and an explicitly set option the resulting config does not read
+    are each a ``ValueError`` that names the option and the valid values. The preset's name is kept
+    on the config (``config_preset(config)``) so the edit records it.
+    """
+    spec = get_method(name)
+    p = resolve_preset(name, preset)
     valid = {f.name for f in fields(spec.config_class)}
     bad = sorted(set(overrides) - valid)
     if bad:
         raise ValueError(f"Unknown option(s) {bad} for method {name!r}; valid options: {sorted(valid)}.")
-    return spec.config_class(**overrides)
+    config = spec.config_class(**{**p.values, **overrides})
+    check_options_read(config, set(overrides), method=name, preset=p.name)
+    object.__setattr__(config, "_erasekit_preset", p.name)
+    return config
+
+
+def config_preset(config: Any) -> str | None:
+    """The preset a config was made from by :func:`make_config` (``None`` for a hand-built config)."""
+    return getattr(config, "_erasekit_preset", None)
+
+
+def preset_diff(name: str, preset: str) -> dict[str, Any]:
+    """The values of ``preset`` that differ from the method's dataclass defaults (what the preset changes)."""
+    spec = get_method(name)
+    defaults = {f.name: field_default(f) for f in fields(spec.config_class)}
+    return {k: v for k, v in resolve_preset(name, preset).values.items() if defaults.get(k) != v}
 
 
 def erase(
@@ -70,11 +185,16 @@ def erase(
     method: str = "uce",
     config: Any = None,
     *,
+    preset: str | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> Edit:
     """Erase ``request.erase`` from ``pipe`` with ``method``; returns an :class:`Edit` (the pipeline is unchanged).
+
+    ``preset`` picks the method's named preset (``paper`` or ``authors``; default: the one its paper's
+    numbers came from, see ``erasekit methods``); ``overrides`` then change single options. The
+    edit's config records the preset and every resolved value.
 
     Example::
 
@@ -86,10 +206,20 @@ def erase(
         raise ValueError("`request` is required: erasekit.EraseRequest(erase=[...]).")
     spec = get_method(method)
     if config is None:
-        config = make_config(method, **overrides)
-    elif overrides:
-        raise ValueError("Pass either `config` or keyword overrides, not both.")
-    return spec.fn(pipe, request, config, generator=generator, progress=progress)
+        config = make_config(method, preset, **overrides)
+    elif overrides or preset is not None:
+        raise ValueError("Pass either `config` or a preset and keyword overrides, not both.")
+    elif not isinstance(config, spec.config_class):
+        raise ValueError(
+            f"`config` for method {method!r} must be a {spec.config_class.__name__}, got {type(config).__name__}."
+        )
+    edit = spec.fn(pipe, request, config, generator=generator, progress=progress)
+    return record_preset(edit, config)
+
+
+def record_preset(edit: Edit, config: Any) -> Edit:
+    """The edit with the config's preset name and every resolved value in ``edit.config``."""
+    return replace(edit, config={**asdict(config), **edit.config, "preset": config_preset(config)})
 
 
 def _import_builtin_methods() -> None:

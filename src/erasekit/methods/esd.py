@@ -66,7 +66,16 @@ class ESDLoss(LossFunction):
         return StepOutput(loss=esd_loss(e_new, e_0, e_e, self.config.eta))
 
 
-@register("esd", ESDConfig, "Erased Stable Diffusion: fine-tune towards negative guidance (ESD-x / ESD-u / full)")
+@register(
+    "esd",
+    ESDConfig,
+    "Erased Stable Diffusion: fine-tune towards negative guidance (ESD-x / ESD-u / full)",
+    presets={
+        "paper": ("ESD paper, Algorithm 1", {}),
+        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
+    },
+    default_preset="paper",
+)
 def erase_esd(
     pipe, request: EraseRequest, config: ESDConfig, *, generator: torch.Generator | None = None, progress: bool = True
 ) -> Edit:

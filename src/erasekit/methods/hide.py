@@ -324,7 +324,14 @@ def hide(
 
 
 @register(
-    "hide", HideConfig, "Knowledge hiding: erase behind a secret learnable prompt that recovers it (slides eq. 15)"
+    "hide",
+    HideConfig,
+    "Knowledge hiding: erase behind a secret learnable prompt that recovers it (slides eq. 15)",
+    presets={
+        "paper": ("slides eqs. 15-16", {}),
+        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
+    },
+    default_preset="paper",
 )
 def erase_hide(
     pipe, request: EraseRequest, config: HideConfig, *, generator: torch.Generator | None = None, progress: bool = True

@@ -261,7 +261,14 @@ def _run(pipe, request: EraseRequest, config: RECEConfig, epochs: int, progress:
 
 
 @register(
-    "rece", RECEConfig, "RECE: UCE, then derive (eq. 8) and erase the embeddings that still regenerate the concept"
+    "rece",
+    RECEConfig,
+    "RECE: UCE, then derive (eq. 8) and erase the embeddings that still regenerate the concept",
+    presets={
+        "paper": ("RECE paper, Algorithm 1", {}),
+        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
+    },
+    default_preset="paper",
 )
 @torch.no_grad()
 def erase_rece(pipe, request: EraseRequest, config: RECEConfig, *, generator=None, progress: bool = True) -> Edit:

@@ -41,7 +41,9 @@ class UCEConfig:
         default_factory=lambda: ["{}"],
         metadata={"help": "prompt templates each concept is expanded with, e.g. ['{}', 'a picture of a {}']"},
     )
-    projections: tuple[str, ...] = field(default=("to_k", "to_v"), metadata={"help": "cross-attention projections to edit"})
+    projections: tuple[str, ...] = field(
+        default=("to_k", "to_v"), metadata={"help": "cross-attention projections to edit"}
+    )
 
     def __post_init__(self) -> None:
         if self.lamb < 0 or self.erase_scale < 0 or self.preserve_scale < 0:
@@ -137,7 +139,16 @@ def uce_prompts(request: EraseRequest, config: UCEConfig) -> tuple[list[str], li
     return erased, targets, preserved
 
 
-@register("uce", UCEConfig, "Unified Concept Editing: closed-form edit of cross-attention K/V (RECE eq. 3)")
+@register(
+    "uce",
+    UCEConfig,
+    "Unified Concept Editing: closed-form edit of cross-attention K/V (RECE eq. 3)",
+    presets={
+        "paper": ("UCE paper / RECE eq. 3 as printed", {}),
+        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
+    },
+    default_preset="paper",
+)
 @torch.no_grad()
 def erase_uce(pipe, request: EraseRequest, config: UCEConfig, *, generator=None, progress: bool = True) -> Edit:
     """Erase ``request.erase`` with UCE (RECE paper eq. 3); the pipeline is left unchanged."""
