@@ -54,7 +54,7 @@ def test_esd_defaults_are_the_papers_and_recorded(tiny_pipe, tmp_path):
     assert len(edit.trace["log"]) == 2 and edit.trace["n_parameters"] > 0
     edit.save(tmp_path / "e")
     loaded = Edit.load(tmp_path / "e")
-    assert loaded.config == asdict(ESDConfig(steps=2, ddim_steps=2, lr=1e-3))
+    assert loaded.config == {**asdict(ESDConfig(steps=2, ddim_steps=2, lr=1e-3)), "preset": "paper"}
     assert all(torch.equal(loaded.tensors[k], edit.tensors[k]) for k in edit.tensors)
 
 

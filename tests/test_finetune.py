@@ -173,6 +173,6 @@ def test_bad_inputs_are_clear_errors(tiny_pipe):
         FinetuneConfig(train_method="attn2[")
     with pytest.raises(ValueError, match="resume"):
         FinetuneConfig(resume=True)
-    for bad in (dict(steps=0), dict(lr=0.0), dict(ddim_steps=0), dict(concepts_per_step=0), dict(sample_with="x")):
+    for bad in (dict(steps=0), dict(lr=0.0), dict(ddim_steps=0), dict(concepts_per_step=0), dict(zt_producer="x")):
         with pytest.raises(ValueError):
             FinetuneConfig(**bad)

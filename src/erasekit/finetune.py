@@ -14,8 +14,8 @@ minimise at one step; the core does everything else:
    state) only, and the caller's pipeline is never written, not even temporarily.
 3. **z_t as ESD samples it** (Gandikota et al. 2023, Algorithm 1 / ``quick_sample_till_t``): draw a
    DDIM step index ``i`` uniformly in ``[0, ddim_steps)``, start from Gaussian noise and run ``i``
-   DDIM steps (eta 0) of the frozen model (or the current one, ``sample_with="current"``, as ESD's
-   script does) with classifier-free guidance ``start_guidance`` on the erased concept. The latent
+   DDIM steps (eta 0) of the frozen model (or the one being trained, ``zt_producer="trained"``, as
+   ESD's script does) with classifier-free guidance ``start_guidance`` on the erased concept. The latent
    is then evaluated at the timestep it actually has, ``timesteps[i]`` (ESD's CompVis script draws a
    DDPM timestep from ``i / ddim_steps * 1000`` instead, which does not match the latent's noise
    level; its diffusers port uses the matching timestep, as we do).
@@ -63,6 +63,8 @@ from erasekit.targets import select_parameters
 ESD_U_REGEX = r"^(?!time_embedding\.|conv_norm_out\.|conv_out\.)(?!.*\.attn2\.)"
 TRAIN_METHODS: dict[str, str] = {"xattn": "xattn", "kv": "kv", "noxattn": ESD_U_REGEX, "full": "full"}
 
+ZT_PRODUCERS = ("exact", "trained")
+
 RUN_JSON = "run.json"
 LOG_JSONL = "log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -92,9 +94,12 @@ class FinetuneConfig:
     )
     ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the sampler that produces z_t"})
     start_guidance: float = field(default=3.0, metadata={"help": "CFG scale of the sampler that produces z_t"})
-    sample_with: Literal["frozen", "current"] = field(
-        default="frozen",
-        metadata={"help": "model that samples z_t: the frozen original, or the current one (ESD's script)"},
+    zt_producer: Literal["exact", "trained"] = field(
+        default="exact",
+        metadata={
+            "help": "how z_t is produced: exact (a DDIM run of the frozen original per step) or trained "
+            "(the same run with the model being trained, as CompVis ESD and the AP/AGE scripts sample)"
+        },
     )
     concepts_per_step: int = field(default=1, metadata={"help": "erased concepts (batch rows) per step"})
     seed: int = field(default=0, metadata={"help": "seed of every random draw (per step: seed and step index)"})
@@ -112,8 +117,8 @@ class FinetuneConfig:
             raise ValueError(f"`ddim_steps` must be > 0, got {self.ddim_steps}.")
         if self.start_guidance < 0:
             raise ValueError(f"`start_guidance` must be >= 0, got {self.start_guidance}.")
-        if self.sample_with not in ("frozen", "current"):
-            raise ValueError(f"`sample_with` must be 'frozen' or 'current', got {self.sample_with!r}.")
+        if self.zt_producer not in ZT_PRODUCERS:
+            raise ValueError(f"`zt_producer` must be one of {', '.join(ZT_PRODUCERS)}, got {self.zt_producer!r}.")
         if self.concepts_per_step <= 0:
             raise ValueError(f"`concepts_per_step` must be > 0, got {self.concepts_per_step}.")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -444,7 +449,7 @@ def _make_batch(ctx: FinetuneContext, request: EraseRequest, config: FinetuneCon
     concepts = [request.erase[i] for i in idx]
     cond_e = ctx.embed(concepts)
     n_steps = int(torch.randint(0, config.ddim_steps, (1,), generator=gen))
-    z_t, t = ctx.sample_zt(cond_e, n_steps, gen, guidance=config.start_guidance, frozen=config.sample_with == "frozen")
+    z_t, t = ctx.sample_zt(cond_e, n_steps, gen, guidance=config.start_guidance, frozen=config.zt_producer != "trained")
     return StepBatch(step=step, concepts=concepts, z_t=z_t, t=t, cond_e=cond_e, generator=gen)
 
 
