@@ -61,6 +61,19 @@ def test_unique_items_and_merge(tmp_path):
     assert not list(tmp_path.glob("index.rank*.jsonl"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_module():
+    """Every image of this module on one torch thread, as the forked ranks run: with two threads the
+    parent's intra-op split can differ from a child's (and does on a loaded machine), which changes
+    a PNG byte and makes the byte-identity checks test the thread pool rather than the resume logic."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_pipe_dir, tmp_path_factory):
     """The tiny pipeline from disk, a prompt file, and a fresh one-process reference run."""

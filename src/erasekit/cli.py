@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from safetensors import SafetensorError
 
 app = typer.Typer(
     help="Erase, hide, recover and audit concepts in text-to-image diffusion models.", no_args_is_help=True
@@ -58,7 +59,19 @@ ClipOpt = Annotated[str, typer.Option(help="CLIP checkpoint: 'shapes' (the minia
 
 # prompt-file formats of `generate --protocol` (the --protocol choices of erasekit.eval.distributed)
 PROMPT_FORMATS = ("lines", "i2p", "artists", "imagenette", "coco")
-ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, ImportError)
+# The library's errors: each becomes one line on stderr and exit code 2, never a traceback. A
+# SafetensorError (corrupt tensor file) is an Exception subclass raised by the Rust binding.
+ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    OSError,
+    ImportError,
+    RuntimeError,
+    KeyError,
+    TypeError,
+    SafetensorError,
+)
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -190,7 +203,8 @@ def erase(
     import torch
 
     from erasekit import EraseRequest, get_method, load_pipeline
-    from erasekit.methods.base import make_config, record_preset
+    from erasekit.methods.base import erase as erasekit_erase
+    from erasekit.methods.base import make_config
     from erasekit.runs import parse_overrides, run_dir, write_run_config
 
     try:
@@ -204,8 +218,9 @@ def erase(
             t0 = time.time()
             with warnings.catch_warnings():
                 warnings.simplefilter("default")
-                edit = spec.fn(pipe, request, config, generator=torch.Generator().manual_seed(seed), progress=True)
-            edit = record_preset(edit, config)
+                edit = erasekit_erase(
+                    pipe, request, method, config, generator=torch.Generator().manual_seed(seed), progress=True
+                )
             seconds = time.time() - t0
             edit.save(d)
             write_run_config(
@@ -222,7 +237,7 @@ def erase(
             from erasekit.report.run_report import build_run_report
 
             page = build_run_report(out, pipe=pipe, seeds=parse_seeds(report_seeds))
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError) as e:
+    except ERRORS as e:
         _fail(e)
     typer.echo(f"{method} erased {request.erase} in {seconds:.2f} s; {len(edit.tensors)} tensors changed -> {out}")
     if report:

@@ -24,6 +24,22 @@ def bundled_path(name: str = "shapes") -> Path:
     return BUNDLED[name]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, refused with a clear error when it is malformed or not present here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"`device` {str(device)!r} is not a torch device; use e.g. cpu, cuda or cuda:1.") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`device` {str(device)!r}: no CUDA device is available on this machine; use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"`device` {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`device` {str(device)!r}: MPS is not available on this machine; use --device cpu.")
+    return dev
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike = "shapes",
     *,
@@ -39,8 +55,10 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
+    device = check_device(device)
     name = str(name_or_path)
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    # safetensors only: a pickled checkpoint can run code when it is loaded
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "use_safetensors": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     if name in BUNDLED:

@@ -6,8 +6,14 @@ finishes, so a bad argument never leaves a half-written run behind.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import math
+import os
 import shutil
 import subprocess
+import types
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -16,19 +22,74 @@ from typing import Any
 
 from erasekit.io import write_json_atomic
 
+LOCK_FILE = ".lock"
+RESUMABLE = ("checkpoints", "train")  # sub-folders that hold resumable work: never deleted on failure
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process holds a run directory's lock."""
+
+
+@contextmanager
+def locked(path: str | Path, name: str = LOCK_FILE) -> Iterator[Path]:
+    """Hold the advisory lock ``name`` of directory ``path`` (created if missing) for the block.
+
+    A second writer, in this process or another, gets :class:`RunDirInUse` naming the holder's PID.
+    The lock is an ``flock`` on ``path/<name>`` (``.lock``; writers of separate files in one directory,
+    such as the processes of a distributed generation, take one lock per file): the OS releases it when its holder dies (even by
+    ``kill -9``), so a stale lock from a dead process is simply taken over.
+    """
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p / name, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirInUse(
+                f"Run directory {str(p)!r} is in use by PID {holder} (lock {name}); wait for that process to "
+                "finish or choose another output directory."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield p
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _holds_resumable_work(p: Path) -> bool:
+    return any((p / name).exists() for name in RESUMABLE) or any(
+        (sub / name).exists() for sub in p.iterdir() if sub.is_dir() for name in RESUMABLE
+    )
+
 
 @contextmanager
 def run_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Create ``path`` for a run; on failure remove what this call created."""
+    """Create ``path`` for a run and hold its lock; on failure remove what this call created.
+
+    A directory that holds resumable work (checkpoints) is never removed, whatever the failure
+    (Ctrl-C included): the run can be resumed from it.
+    """
     p = Path(path)
     existed = p.exists()
-    if existed and any(p.iterdir()) and not overwrite:
+    if existed and not p.is_dir():
+        raise NotADirectoryError(f"Run directory {str(p)!r} is a file; choose another --out.")
+    visible = [c for c in p.iterdir() if not c.name.endswith(LOCK_FILE)] if existed else []
+    if visible and not overwrite:
         raise FileExistsError(f"Run directory {str(p)!r} exists and is not empty; pass --overwrite or choose another --out.")
-    p.mkdir(parents=True, exist_ok=True)
     try:
-        yield p
+        with locked(p):
+            yield p
+    except RunDirInUse:
+        raise
     except BaseException:
-        if not existed:
+        if not existed and p.exists() and not _holds_resumable_work(p):
             shutil.rmtree(p, ignore_errors=True)
         raise
 
@@ -52,10 +113,13 @@ def write_run_config(directory: Path, **sections: Any) -> None:
 
 
 def parse_overrides(config_class: type, pairs: list[str]) -> dict[str, Any]:
-    """``["lamb=0.1", "templates=['{}','a {}']"]`` -> typed overrides for ``config_class``."""
+    """``["lamb=0.1", "templates=['{}','a {}']"]`` -> overrides for ``config_class``, each checked against
+    the field's type (``resume=false`` is ``False``, ``lamb=abc`` and ``lamb=1e999`` are errors naming
+    the option and what it takes)."""
     import ast
 
     valid = {f.name: f for f in fields(config_class)}
+    hints = typing.get_type_hints(config_class)
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -64,9 +128,59 @@ def parse_overrides(config_class: type, pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"`--set {pair}` must look like KEY=VALUE, e.g. --set lamb=0.1.")
         if key not in valid:
             raise ValueError(f"`--set {key}`: unknown option; valid options: {sorted(valid)}.")
+        raw = raw.strip()
         try:
             value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             value = raw  # a bare string
-        out[key] = value
+        out[key] = coerce_option(key, value, raw, hints.get(key, Any))
     return out
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def coerce_option(key: str, value: Any, raw: str, tp: Any) -> Any:
+    """``value`` (parsed from the text ``raw``) checked and converted to the type ``tp`` of option ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or raw.lower() in ("none", "null")):
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return coerce_option(key, value, raw, a)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"`--set {key}={raw}`: " + "; or ".join(errors))
+    if origin is typing.Literal:
+        if value in args or raw in args:
+            return value if value in args else raw
+        raise ValueError(f"`--set {key}={raw}`: must be one of {', '.join(repr(a) for a in args)}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError(f"`--set {key}={raw}`: must be true or false.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"`--set {key}={raw}`: must be an integer, e.g. {key}=100.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"`--set {key}={raw}`: must be a finite number.")
+            return float(value)
+        raise ValueError(f"`--set {key}={raw}`: must be a number, e.g. {key}=0.1.")
+    if tp is str:
+        return value if isinstance(value, str) else raw
+    if origin in (list, tuple) and args:
+        if isinstance(value, (list, tuple)):
+            inner = args[0]
+            items = [coerce_option(key, v, str(v), inner) for v in value]
+            return tuple(items) if origin is tuple else items
+        raise ValueError(f"`--set {key}={raw}`: must be a list, e.g. {key}=\"['a', 'b']\".")
+    return value

@@ -48,7 +48,8 @@ from erasekit.eval.generate import (
     generate_images,
     read_index,
 )
-from erasekit.io import atomic_path, write_text_atomic
+from erasekit.io import append_jsonl, atomic_path, write_text_atomic
+from erasekit.runs import locked
 
 SHARD_PREFIX = "index.rank"
 BARRIER_HOURS = 48  # how long finished processes wait for the others before giving up
@@ -138,7 +139,15 @@ def generate_items(
     made = 0
     for chunk in todo_chunks:
         if not per_item:  # the chunk is one batch
-            generate(pipe, chunk, out, replace(cfg, batch_size=len(chunk)), progress=False, index_name=index_name)
+            generate(
+                pipe,
+                chunk,
+                out,
+                replace(cfg, batch_size=len(chunk)),
+                progress=False,
+                index_name=index_name,
+                recorded_batch_size=cfg.batch_size,
+            )
         else:  # one batch per guidance scale in the chunk, in first-appearance order
             groups: dict[float, list[PromptItem]] = {}
             for it in chunk:
@@ -154,14 +163,14 @@ def generate_items(
 def _write_batch(pipe, batch: list[PromptItem], out: Path, cfg: SamplingConfig, index_name: str) -> None:
     """One batch written exactly as :func:`erasekit.eval.generate.generate` writes it (PNG, then record)."""
     imgs = generate_images(pipe, [b.prompt for b in batch], [b.seed for b in batch], cfg)
-    with open(out / index_name, "a", encoding="utf-8") as index:
-        for it, img in zip(batch, imgs, strict=True):
-            rel = f"images/{it.key}.png"
-            with atomic_path(out / rel) as tmp:
-                Image.fromarray(img).save(tmp, format="PNG")
-            index.write(
-                json.dumps({"prompt": it.prompt, "seed": it.seed, "path": rel, **it.meta}, sort_keys=True) + "\n"
-            )
+    recs = []
+    for it, img in zip(batch, imgs, strict=True):
+        rel = f"images/{it.key}.png"
+        with atomic_path(out / rel) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
+        recs.append({"prompt": it.prompt, "seed": it.seed, "path": rel, **it.meta})
+    with locked(out, f"{index_name}.lock"):
+        append_jsonl(out / index_name, recs)
 
 
 def merge_index(out_dir: str | Path, items: Sequence[PromptItem] | None = None) -> list[dict[str, Any]]:

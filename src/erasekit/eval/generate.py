@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from erasekit.io import atomic_path
+from erasekit.io import append_jsonl, atomic_path, read_jsonl
+from erasekit.runs import locked
 
 INDEX = "index.jsonl"
 
@@ -50,6 +52,18 @@ class SamplingConfig:
     batch_size: int = 25
     height: int | None = None
     width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"Sampler `steps` must be an integer >= 1 (or unset for the model's default), got {self.steps!r}.")
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"`guidance` (classifier-free guidance scale) must be a finite number >= 0, got {self.guidance_scale!r}.")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be an integer >= 1, got {self.batch_size!r}.")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
+                raise ValueError(f"`{name}` must be a positive multiple of 8 (or unset), got {v!r}.")
 
     def resolved(self, pipe) -> SamplingConfig:
         """A copy with every ``None`` filled from the pipeline's defaults."""
@@ -122,23 +136,9 @@ def generate_images(
 
 def read_index(run_dir: str | Path, name: str = INDEX) -> list[dict[str, Any]]:
     """Records of ``index.jsonl`` (or the index file ``name``) whose image file exists (a crash
-    mid-batch leaves none dangling; a last line cut short by a crash is ignored)."""
-    path = Path(run_dir) / name
-    if not path.exists():
-        return []
-    recs = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if line.strip():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:  # truncated by a crash while writing: that image is redone
-                    continue
-                raise
-            if (Path(run_dir) / r["path"]).exists():
-                recs.append(r)
-    return recs
+    mid-batch leaves none dangling; a last line cut short by a crash is ignored, and the next
+    append cuts it off, see :func:`erasekit.io.append_jsonl`)."""
+    return [r for r in read_jsonl(Path(run_dir) / name) if (Path(run_dir) / r["path"]).exists()]
 
 
 def generate(
@@ -151,6 +151,7 @@ def generate(
     index_name: str = INDEX,
     prompt_embeds_fn: Callable[[list[str]], torch.Tensor] | None = None,
     conditioning: dict[str, Any] | None = None,
+    recorded_batch_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """Generate every item into ``out_dir/images`` and index it; skips items already written.
 
@@ -160,17 +161,21 @@ def generate(
     sample from instead of the text encoder's (e.g. :meth:`erasekit.methods.hide.RecoveryKey.prompt_embeds`
     with a recovery key); it needs ``conditioning``, a JSON-ready description of it recorded in
     ``generation.json``, so that a directory is never resumed with another conditioning.
+    ``recorded_batch_size`` is the batch size ``generation.json`` records (default: the config's; the
+    distributed path records its chunk size while it samples a shorter last chunk). The index file
+    is locked while this call writes it: a second writer gets a clear error, never a mixed index.
     """
     out = Path(out_dir)
     cfg = (config or SamplingConfig()).resolved(pipe)
     if prompt_embeds_fn is not None and conditioning is None:
         raise ValueError("`prompt_embeds_fn` needs `conditioning`: a description recorded in generation.json.")
-    _check_or_write_provenance(out, pipe, cfg, conditioning)
     items = list(items)
-    done = {(r["prompt"], r["seed"]): r for r in read_index(out, index_name)}
-    todo = [it for it in items if (it.prompt, it.seed) not in done]
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="img", disable=not progress)
-    with open(out / index_name, "a", encoding="utf-8") as index:
+    with locked(out, f"{index_name}.lock"):
+        bs = cfg.batch_size if recorded_batch_size is None else recorded_batch_size
+        _check_or_write_provenance(out, pipe, replace(cfg, batch_size=bs), conditioning)
+        done = {(r["prompt"], r["seed"]): r for r in read_index(out, index_name)}
+        todo = [it for it in items if (it.prompt, it.seed) not in done]
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="img", disable=not progress)
         for s in range(0, len(todo), cfg.batch_size):
             batch = todo[s : s + cfg.batch_size]
             prompts, seeds = [b.prompt for b in batch], [b.seed for b in batch]
@@ -178,16 +183,16 @@ def generate(
                 imgs = generate_images(pipe, prompts, seeds, cfg)
             else:
                 imgs = generate_images(pipe, None, seeds, cfg, prompt_embeds=prompt_embeds_fn(prompts))
+            recs = []
             for it, img in zip(batch, imgs, strict=True):
                 rel = f"images/{it.key}.png"
                 with atomic_path(out / rel) as tmp:
                     Image.fromarray(img).save(tmp, format="PNG")
-                rec = {"prompt": it.prompt, "seed": it.seed, "path": rel, **it.meta}
-                index.write(json.dumps(rec, sort_keys=True) + "\n")
-                done[(it.prompt, it.seed)] = rec
-            index.flush()
+                recs.append({"prompt": it.prompt, "seed": it.seed, "path": rel, **it.meta})
+            append_jsonl(out / index_name, recs)
+            done.update({(r["prompt"], r["seed"]): r for r in recs})
             bar.update(len(batch))
-    bar.close()
+        bar.close()
     return [done[(it.prompt, it.seed)] for it in items]
 
 
@@ -200,13 +205,21 @@ def _check_or_write_provenance(
     from erasekit.io import write_json_atomic
     from erasekit.pipeline import fingerprint
 
-    prov = {"weights": fingerprint(pipe), "sampling": {k: v for k, v in asdict(cfg).items() if k != "batch_size"}}
+    # The batch size is part of it: batched convolutions round differently, so images made at another
+    # batch size can differ by a grey level, and a resumed directory would mix the two.
+    prov = {"weights": fingerprint(pipe), "sampling": asdict(cfg)}
     if conditioning is not None:  # e.g. a recovery key; absent otherwise, so older directories still resume
         prov["conditioning"] = conditioning
     path = out / "generation.json"
     if path.exists():
         old = json.loads(path.read_text())
         if old != prov:
+            old_bs, new_bs = old.get("sampling", {}).get("batch_size"), cfg.batch_size
+            if {**old, "sampling": {**old.get("sampling", {}), "batch_size": new_bs}} == prov:
+                raise ValueError(
+                    f"{str(out)!r} was generated with batch size {old_bs}; images depend on the batch size by up to "
+                    f"one grey level, so resume with --batch-size {old_bs} (got {new_bs}) or choose another directory."
+                )
             raise ValueError(
                 f"{str(out)!r} holds images from other weights or sampler settings ({old}); "
                 "choose another output directory or delete it."

@@ -214,7 +214,18 @@ def erase(
             f"`config` for method {method!r} must be a {spec.config_class.__name__}, got {type(config).__name__}."
         )
     edit = spec.fn(pipe, request, config, generator=generator, progress=progress)
+    require_finite(edit)
     return record_preset(edit, config)
+
+
+def require_finite(edit: Edit) -> None:
+    """Refuse an edit with a NaN or infinite value (e.g. from ``lamb=1e300``): it would silently ruin the model."""
+    bad = [k for k, v in edit.tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"The {edit.method!r} edit has NaN or infinite values in {len(bad)} tensor(s) (first: {bad[0]}); an option "
+            f"is out of range for this model (config: {edit.config}). Nothing was saved."
+        )
 
 
 def record_preset(edit: Edit, config: Any) -> Edit:

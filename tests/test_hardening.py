@@ -1,0 +1,196 @@
+"""Hardening (issue 19): durable writes, crash-tolerant indexes, run-directory locks, typed --set
+values, sampler validation, non-finite edits, device errors, and no code execution from data."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import erasekit
+from erasekit.cli import app
+from erasekit.eval.generate import PromptItem, SamplingConfig, generate, read_index
+from erasekit.io import append_jsonl, read_jsonl, write_json_atomic
+from erasekit.methods.ap import APConfig
+from erasekit.runs import RunDirInUse, locked, parse_overrides, run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ durable files and indexes
+def test_atomic_files_are_world_readable(tmp_path):
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_jsonl_index_survives_a_line_cut_by_a_crash(tmp_path):
+    p = tmp_path / "index.jsonl"
+    append_jsonl(p, [{"i": 0}, {"i": 1}])
+    with open(p, "ab") as f:  # a crash in the middle of the third record
+        f.write(b'{"i": 2, "pa')
+    assert read_jsonl(p) == [{"i": 0}, {"i": 1}]
+    append_jsonl(p, {"i": 3})  # the next append cuts the partial line off first
+    assert read_jsonl(p) == [{"i": 0}, {"i": 1}, {"i": 3}]
+    assert p.read_bytes().count(b"\n") == 3
+    append_jsonl(p, {"i": 4})
+    assert [r["i"] for r in read_jsonl(p)] == [0, 1, 3, 4]  # and it does not fail forever after
+
+
+def test_a_corrupt_terminated_line_is_an_error_not_silently_dropped(tmp_path):
+    p = tmp_path / "index.jsonl"
+    p.write_text('{"i": 0}\nnot json\n{"i": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        read_jsonl(p)
+
+
+# ------------------------------------------------------------------ locks
+HOLD = """
+import sys, time
+from erasekit.runs import locked
+with locked(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(path):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_is_refused_with_the_holders_pid_and_a_killed_holders_lock_is_taken_over(tmp_path):
+    d = tmp_path / "run"
+    proc = _holder(d)
+    try:
+        with pytest.raises(RunDirInUse, match=rf"in use by PID {proc.pid}"):
+            with locked(d):
+                pass
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with locked(d):  # the dead holder's lock is taken over
+        assert (d / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
+    with locked(tmp_path / "r"):
+        with pytest.raises(RunDirInUse):
+            with locked(tmp_path / "r"):
+                pass
+
+
+def test_two_concurrent_generations_into_one_directory_second_refused(tmp_pipe_items):
+    pipe, items, out = tmp_pipe_items
+    with locked(out, "index.jsonl.lock"):  # another process is writing this index
+        with pytest.raises(RunDirInUse, match="in use by PID"):
+            generate(pipe, items, out, SamplingConfig(steps=2, batch_size=2), progress=False)
+    recs = generate(pipe, items, out, SamplingConfig(steps=2, batch_size=2), progress=False)
+    assert len(recs) == len(items) == len(read_index(out))
+
+
+@pytest.fixture
+def tmp_pipe_items(tiny_pipe, tmp_path):
+    items = [PromptItem("a cat", s) for s in range(3)]
+    return tiny_pipe, items, tmp_path / "gen"
+
+
+def test_resuming_a_generation_with_another_batch_size_is_refused(tmp_pipe_items):
+    pipe, items, out = tmp_pipe_items
+    generate(pipe, items[:2], out, SamplingConfig(steps=2, batch_size=2), progress=False)
+    with pytest.raises(ValueError, match="resume with --batch-size 2"):
+        generate(pipe, items, out, SamplingConfig(steps=2, batch_size=1), progress=False)
+
+
+# ------------------------------------------------------------------ run directories
+def test_interrupted_run_with_checkpoints_is_kept_and_without_is_removed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with run_dir(tmp_path / "a") as d:
+            (d / "train" / "checkpoints").mkdir(parents=True)
+            raise KeyboardInterrupt
+    assert (tmp_path / "a" / "train" / "checkpoints").is_dir()  # resumable work survives Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        with run_dir(tmp_path / "b") as d:
+            (d / "edit.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        with run_dir(tmp_path / "a"):
+            pass
+
+
+# ------------------------------------------------------------------ typed options
+def test_set_values_are_type_checked():
+    assert parse_overrides(APConfig, ["resume=false"]) == {"resume": False}
+    assert parse_overrides(APConfig, ["resume=True", "k=None", "lr=1e-4"]) == {"resume": True, "k": None, "lr": 1e-4}
+    assert parse_overrides(APConfig, ["exclude=['pyramid']"]) == {"exclude": ["pyramid"]}
+    for bad, msg in [
+        ("lam=abc", "must be a number"),
+        ("lam=1e999", "must be a finite number"),
+        ("resume=maybe", "true or false"),
+        ("steps=1.5", "must be an integer"),
+        ("relaxation=foo", "must be one of 'hard', 'soft', 'topk'"),
+        ("exclude=pyramid", "must be a list"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            parse_overrides(APConfig, [bad])
+
+
+def test_a_non_finite_edit_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        erasekit.erase(tiny_pipe, erasekit.EraseRequest(["cat"]), method="uce", lamb=float("inf"))
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_sampler_steps_must_be_positive(steps):
+    with pytest.raises(ValueError, match="`steps` must be an integer >= 1"):
+        SamplingConfig(steps=steps)
+
+
+def test_cli_bad_values_are_one_line_errors_and_write_nothing(tmp_path):
+    runner = CliRunner()
+    cases = [
+        ["erase", "--erase", "triangle", "--set", "lamb=abc", "--out", str(tmp_path / "a")],
+        ["erase", "--erase", "triangle", "--set", "lamb=1e999", "--out", str(tmp_path / "b")],
+        ["erase", "--erase", "triangle", "--device", "foo", "--out", str(tmp_path / "c")],
+        ["generate", "--prompt", "a red triangle", "--steps", "-1", "--device", "cpu", "--out", str(tmp_path / "d")],
+    ]
+    for args in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "Traceback" not in res.output and "error:" in res.output, res.output
+        assert not Path(args[-1]).exists(), args
+
+
+# ------------------------------------------------------------------ data, never code
+FORBIDDEN = [
+    (re.compile(r"^\s*(import pickle|from pickle import|import cPickle|import dill)"), "pickle"),
+    (re.compile(r"\bpickle\.loads?\("), "pickle.load"),
+    (re.compile(r"torch\.load\((?![^)]*weights_only\s*=\s*True)"), "torch.load without weights_only=True"),
+    (re.compile(r"(?<![\w.])eval\("), "eval("),
+    (re.compile(r"(?<![\w.])exec\("), "exec("),
+    (re.compile(r"trust_remote_code\s*=\s*True"), "trust_remote_code=True"),
+    (re.compile(r"allow_pickle\s*=\s*True"), "allow_pickle=True"),
+]
+
+
+def scan(text: str) -> list[str]:
+    return [name for line in text.splitlines() for rx, name in FORBIDDEN if rx.search(line)]
+
+
+def test_the_scanner_finds_each_forbidden_pattern():
+    bad = "import pickle\nx = torch.load(p)\ny = eval(s)\nexec(c)\nM(trust_remote_code=True)\nnp.load(f, allow_pickle=True)"
+    assert len(scan(bad)) == 6
+    assert scan("model.eval()\ntorch.load(p, weights_only=True)\nast.literal_eval(s)") == []
+
+
+def test_no_code_execution_from_data_anywhere_in_the_tree():
+    hits = []
+    for path in [*ROOT.joinpath("src").rglob("*.py"), *ROOT.joinpath("bench").rglob("*.py")]:
+        hits += [f"{path.relative_to(ROOT)}: {h}" for h in scan(path.read_text(encoding="utf-8"))]
+    assert hits == []
