@@ -8,8 +8,11 @@ and the package version. It never holds the whole model.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,9 +76,19 @@ class Edit:
     # never applied, saved to ``edit_aux.safetensors``.
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    # ------------------------------------------------------------------ identity
+    def digest(self) -> str:
+        """SHA-256 (16 hex digits) of the tensors and aux tensors (names, dtypes, shapes, bytes): what
+        ties ``edit.json`` to ``edit.safetensors``."""
+        return tensors_digest({**self.tensors, **{f"aux:{k}": v for k, v in self.aux.items()}})
+
     # ------------------------------------------------------------------ applying
     def check_base(self, pipe) -> None:
-        """Raise if ``pipe`` is not the base model this edit was made from."""
+        """Raise if ``pipe`` is not the base model this edit was made from (its weight fingerprint).
+
+        The pipeline may carry this edit already (e.g. while images of the edited model are made);
+        :meth:`check_untouched` is the stricter check :meth:`apply_` adds.
+        """
         info = base_info(pipe)
         if info["fingerprint"] != self.base.get("fingerprint"):
             raise ValueError(
@@ -83,15 +96,81 @@ class Edit:
                 f"but the pipeline is {info['id']!r} (fingerprint {info['fingerprint']}). Load the edit's base model."
             )
 
-    @torch.no_grad()
-    def apply_(self, pipe, *, check: bool = True):
-        """Write the edited tensors into ``pipe`` in place and return it."""
-        if check:
-            self.check_base(pipe)
+    def check_untouched(self, pipe) -> None:
+        """Raise if the parameters this edit overwrites are not the exact values it was computed from.
+
+        Where the edit recorded them (``base["touched_digest"]``, see :func:`with_touched_digest`), a
+        digest of every parameter it will overwrite is compared, so an edit is never applied over
+        another edit of the same layers. Exact bytes are comparable only at the dtype the edit was
+        made at (an fp32 edit applied to an fp16 copy of its base is legitimate; the fingerprint of
+        :meth:`check_base` still guards that case).
+        """
+        want = self.base.get("touched_digest")
+        if want is None:
+            return
+        current = {n: get_parameter(pipe, n) for n in self.tensors}
+        if not all(str(p.dtype) == self.base.get("touched_dtype") for p in current.values()):
+            return
+        have = tensors_digest(current)
+        if have != want:
+            raise ValueError(
+                f"The {len(self.tensors)} parameters this edit overwrites differ from the ones it was made from "
+                f"(digest {have} != {want}): the pipeline already carries another edit of these layers, or is "
+                "another model. Apply it to a freshly loaded base model."
+            )
+
+    def _targets(self, pipe) -> dict[str, torch.Tensor]:
+        """The pipeline's parameter for every edited tensor, all checked (names, shapes) before any is written."""
+        targets = {}
         for name, value in self.tensors.items():
             param = get_parameter(pipe, name)
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"Edit tensor {name!r} has shape {tuple(value.shape)} but the pipeline's parameter has "
+                    f"{tuple(param.shape)}: the edit is for another architecture."
+                )
+            targets[name] = param
+        return targets
+
+    @torch.no_grad()
+    def apply_(self, pipe, *, check: bool = True):
+        """Write the edited tensors into ``pipe`` in place and return it.
+
+        All-or-nothing: every name and shape is checked before the first write, and if a write fails
+        the parameters already written are restored, so a failed call never leaves a half-edited model.
+        """
+        if check:
+            self.check_base(pipe)
+            self.check_untouched(pipe)
+        targets = self._targets(pipe)
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            for name, param in targets.items():
+                saved[name] = param.detach().clone()
+                param.copy_(self.tensors[name].to(device=param.device, dtype=param.dtype))
+        except BaseException:
+            for name, value in saved.items():
+                targets[name].copy_(value)
+            raise
         return pipe
+
+    @contextmanager
+    def applied(self, pipe, *, check: bool = True) -> Iterator[Any]:
+        """Apply the edit to ``pipe`` for the block, then restore the original values exactly::
+
+            with edit.applied(pipe):
+                images = pipe(prompt).images
+        """
+        targets = self._targets(pipe)
+        with torch.no_grad():
+            saved = {n: p.detach().clone() for n, p in targets.items()}
+        self.apply_(pipe, check=check)
+        try:
+            yield pipe
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    targets[name].copy_(value)
 
     # ------------------------------------------------------------------ saving
     def metadata(self) -> dict[str, Any]:
@@ -105,6 +184,7 @@ class Edit:
             "created": self.created,
             "trace": self.trace,
             "parameters": {k: list(v.shape) for k, v in sorted(self.tensors.items())},
+            "digest": self.digest(),
             **({"aux": {k: list(v.shape) for k, v in sorted(self.aux.items())}} if self.aux else {}),
         }
 
@@ -127,8 +207,16 @@ class Edit:
         if not (d / EDIT_META).exists() or not (d / EDIT_TENSORS).exists():
             raise FileNotFoundError(f"No edit in {str(d)!r}: expected {EDIT_META} and {EDIT_TENSORS} (written by Edit.save).")
         meta = json.loads((d / EDIT_META).read_text())
-        return cls(
-            tensors=load_file(d / EDIT_TENSORS),
+        tensors = load_file(d / EDIT_TENSORS)
+        listed = set(meta.get("parameters", tensors))
+        if set(tensors) != listed:
+            extra, missing = sorted(set(tensors) - listed), sorted(listed - set(tensors))
+            raise ValueError(
+                f"{str(d / EDIT_TENSORS)!r} does not match {EDIT_META}: tensors not listed {extra[:3]}, listed but "
+                f"missing {missing[:3]}. The edit was changed after it was saved; re-create it."
+            )
+        edit = cls(
+            tensors=tensors,
             method=meta["method"],
             config=meta["config"],
             request=EraseRequest(**meta["request"]),
@@ -138,6 +226,34 @@ class Edit:
             trace=meta.get("trace", {}),
             aux=load_file(d / EDIT_AUX) if (d / EDIT_AUX).exists() else {},
         )
+        if "digest" in meta and edit.digest() != meta["digest"]:  # edits saved before 0.2 carry no digest
+            raise ValueError(
+                f"The tensors in {str(d)!r} do not match the digest in {EDIT_META} ({edit.digest()} != "
+                f"{meta['digest']}): the files were corrupted or changed after saving; re-create the edit."
+            )
+        return edit
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (16 hex digits) over sorted names, dtypes, shapes and raw bytes of ``tensors``."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def with_touched_digest(edit: Edit, pipe) -> Edit:
+    """The edit with ``base["touched_digest"]``: the digest of ``pipe``'s values of every parameter it
+    overwrites, taken from the pipeline the edit was computed on (see :meth:`Edit.check_base`)."""
+    from dataclasses import replace
+
+    params = {n: get_parameter(pipe, n) for n in edit.tensors}
+    dtypes = {str(p.dtype) for p in params.values()}
+    if len(dtypes) != 1:
+        return edit  # mixed precision: the exact-bytes check does not apply
+    return replace(edit, base={**edit.base, "touched_digest": tensors_digest(params), "touched_dtype": dtypes.pop()})
 
 
 def get_parameter(pipe, name: str) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from erasekit.edit import Edit, EraseRequest
+from erasekit.edit import Edit, EraseRequest, with_touched_digest
 
 PAPER, AUTHORS = "paper", "authors"
 
@@ -215,7 +215,7 @@ def erase(
         )
     edit = spec.fn(pipe, request, config, generator=generator, progress=progress)
     require_finite(edit)
-    return record_preset(edit, config)
+    return with_touched_digest(record_preset(edit, config), pipe)
 
 
 def require_finite(edit: Edit) -> None:
