@@ -241,3 +241,35 @@ def test_a_failed_apply_leaves_the_pipeline_untouched_and_applied_restores(tiny_
     with edit.applied(tiny_pipe):
         assert any(not torch.equal(before[k], v) for k, v in tiny_pipe.unet.state_dict().items())
     assert all(torch.equal(before[k], v) for k, v in tiny_pipe.unet.state_dict().items())
+
+
+# ------------------------------------------------------------------ small CLI defects
+def test_seeds_ranges_are_checked():
+    from erasekit.eval.distributed import parse_seeds
+
+    assert parse_seeds("0:3") == [0, 1, 2] and parse_seeds("1,5") == [1, 5]
+    for bad, msg in [("5:2", "empty range"), ("-1", ">= 0"), ("1,1", "repeats"), ("a:b", "must look like"), (",", "no seed")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_seeds(bad)
+
+
+def test_bad_report_seeds_fail_before_the_erase_and_name_the_flag(tmp_path):
+    res = CliRunner().invoke(
+        app, ["erase", "--erase", "triangle", "--report", "--report-seeds", "5:2", "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 2 and "--report-seeds" in res.output and not (tmp_path / "r").exists()
+
+
+def test_overwrite_drops_the_previous_runs_derived_outputs(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    for name in ("report.html", "metrics.json", "notes.txt"):
+        (d / name).write_text("old")
+    with run_dir(d, overwrite=True):
+        pass
+    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == ["notes.txt"]
+
+
+def test_every_command_group_turns_library_errors_into_exit_2(tmp_path):
+    res = CliRunner().invoke(app, ["world", "check", "--model", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output

@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from safetensors import SafetensorError
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """A Typer app whose every command has the one error handler: a library error becomes one line
+    on stderr and exit code 2 (``_fail``), never a traceback."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def run(*a: Any, **k: Any) -> Any:
+                try:
+                    return fn(*a, **k)
+                except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                    raise
+                except ERRORS as e:
+                    _fail(e)
+
+            register(run)
+            return fn
+
+        return deco
+
+
+app = _App(
     help="Erase, hide, recover and audit concepts in text-to-image diffusion models.", no_args_is_help=True
 )
-world_app = typer.Typer(help="The miniature ShapesWorld: data, training, checks.", no_args_is_help=True)
+world_app = _App(help="The miniature ShapesWorld: data, training, checks.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
-analyze_app = typer.Typer(
+analyze_app = _App(
     help="An erasure's side effects: sensitivity spectrum, concept graph, model difference.", no_args_is_help=True
 )
 app.add_typer(analyze_app, name="analyze")
@@ -209,6 +236,13 @@ def erase(
 
     try:
         spec = get_method(method)
+        if report:  # parsed before the (long) erase, so a bad value fails first
+            from erasekit.eval.distributed import parse_seeds
+
+            try:
+                grid_seeds = parse_seeds(report_seeds)
+            except ValueError as e:
+                raise ValueError(str(e).replace("`--seeds", "`--report-seeds")) from None
         request = EraseRequest(_split(erase), _split(preserve), anchor)
         overrides = parse_overrides(spec.config_class, set_ or [])
         config = make_config(method, preset, **overrides)
@@ -233,10 +267,9 @@ def erase(
                 seconds=seconds,
             )
         if report:
-            from erasekit.eval.distributed import parse_seeds
             from erasekit.report.run_report import build_run_report
 
-            page = build_run_report(out, pipe=pipe, seeds=parse_seeds(report_seeds))
+            page = build_run_report(out, pipe=pipe, seeds=grid_seeds)
     except ERRORS as e:
         _fail(e)
     typer.echo(f"{method} erased {request.erase} in {seconds:.2f} s; {len(edit.tensors)} tensors changed -> {out}")

@@ -23,7 +23,8 @@ from typing import Any
 from erasekit.io import write_json_atomic
 
 LOCK_FILE = ".lock"
-RESUMABLE = ("checkpoints", "train")  # sub-folders that hold resumable work: never deleted on failure
+RESUMABLE = ("checkpoints", "train")
+STALE_ON_OVERWRITE = ("report.html", "metrics.json")  # sub-folders that hold resumable work: never deleted on failure
 
 
 class RunDirInUse(RuntimeError):
@@ -83,6 +84,9 @@ def run_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     visible = [c for c in p.iterdir() if not c.name.endswith(LOCK_FILE)] if existed else []
     if visible and not overwrite:
         raise FileExistsError(f"Run directory {str(p)!r} exists and is not empty; pass --overwrite or choose another --out.")
+    if visible:  # --overwrite: the outputs derived from the previous edit would now describe the wrong one
+        for name in STALE_ON_OVERWRITE:
+            (p / name).unlink(missing_ok=True)
     try:
         with locked(p):
             yield p

@@ -269,14 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_seeds(seeds: str) -> list[int]:
-    """``'0:10'`` -> 0..9; ``'1,5,7'`` -> [1, 5, 7]; ``'3'`` -> [3]."""
+    """``'0:10'`` -> 0..9; ``'1,5,7'`` -> [1, 5, 7]; ``'3'`` -> [3]. Empty ranges, negative and
+    repeated seeds are errors that say so."""
     try:
         if ":" in seeds:
             a, b = seeds.split(":")
-            return list(range(int(a), int(b)))
-        return [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
+            out = list(range(int(a), int(b)))
+            if not out:
+                raise ValueError(f"`--seeds {seeds}` is an empty range: the end must be greater than the start, e.g. 0:10.")
+        else:
+            out = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as e:
+        if "empty range" in str(e):
+            raise
         raise ValueError(f"`--seeds` {seeds!r} must look like '0:10' or '1,5,7'.") from None
+    if not out:
+        raise ValueError(f"`--seeds` {seeds!r} names no seed; use e.g. '0:10' or '1,5,7'.")
+    if min(out) < 0:
+        raise ValueError(f"`--seeds` {seeds!r}: seeds must be >= 0.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"`--seeds` {seeds!r} repeats a seed; each image would be made twice.")
+    return out
 
 
 def items_from_args(args: argparse.Namespace) -> list[PromptItem]:
