@@ -54,3 +54,27 @@ def test_bad_k_and_shapes():
         esr_k(PROBS, LABELS, 4)
     with pytest.raises(ValueError, match="Expected"):
         psr_k(PROBS[0], LABELS, 1)
+
+
+def test_wilson_interval_hand_computed_cases():
+    from erasekit.eval.metrics import rate_summary, wilson_interval
+
+    # 0/10: centre = half = (z^2/20)/(1 + z^2/10) -> [0, 0.27753]; 10/10 mirrors it
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and abs(hi - 0.277533) < 1e-5
+    lo, hi = wilson_interval(10, 10)
+    assert abs(lo - 0.722467) < 1e-5 and hi == 1.0
+    # 5/10 by the formula written out: p = .5, z^2/n = .38415
+    z = 1.959963984540054
+    c = (0.5 + z * z / 20) / (1 + z * z / 10)
+    h = z * (0.25 / 10 + z * z / 400) ** 0.5 / (1 + z * z / 10)
+    assert wilson_interval(5, 10) == pytest.approx((c - h, c + h), abs=1e-12)
+    assert wilson_interval(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    # shrinks like 1/sqrt(n) around p
+    lo1, hi1 = wilson_interval(50, 100)
+    lo2, hi2 = wilson_interval(500, 1000)
+    assert (hi2 - lo2) < (hi1 - lo1) / 3
+    s = rate_summary([True, False, False, True])
+    assert s["rate"] == 0.5 and s["successes"] == 2 and s["n"] == 4 and s["ci95"][0] < 0.5 < s["ci95"][1]
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)

@@ -89,14 +89,21 @@ def format_table(concept: str, before: dict[str, Any], after: dict[str, Any], t_
     for o in OBJECTS:
         mark = "  <- erased" if o == concept else ""
         lines.append(f"  {o:<10} {100 * before['per_class'][o]['top1']:>8.1f}% {100 * after['per_class'][o]['top1']:>8.1f}%{mark}")
-    lines += [
-        "",
-        f"  {'metric':<26} {'original':>9} {'edited':>9}",
-        f"  {'ESR-1 (erased, higher=gone)':<26} {100 * before['esr_1']:>8.1f}% {100 * after['esr_1']:>8.1f}%",
-        f"  {'ESR-3':<26} {100 * before['esr_3']:>8.1f}% {100 * after['esr_3']:>8.1f}%",
-        f"  {'PSR-1 (other nine)':<26} {100 * before['psr_1']:>8.1f}% {100 * after['psr_1']:>8.1f}%",
-        f"  {'PSR-3':<26} {100 * before['psr_3']:>8.1f}% {100 * after['psr_3']:>8.1f}%",
-    ]
+    def cell(res: dict[str, Any], key: str) -> str:
+        iv = res.get("intervals", {}).get(key)
+        if iv is None:
+            return f"{100 * res[key]:>8.1f}%" + " " * 25
+        lo, hi = iv["ci95"]
+        return f"{100 * res[key]:>8.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}] {iv['successes']:>4}/{iv['n']:<4}"
+
+    lines += ["", f"  {'metric':<26} {'original (95% CI, count)':>33} {'edited (95% CI, count)':>33}"]
+    for label, key in (
+        ("ESR-1 (erased, higher=gone)", "esr_1"),
+        ("ESR-3", "esr_3"),
+        ("PSR-1 (other nine)", "psr_1"),
+        ("PSR-3", "psr_3"),
+    ):
+        lines.append(f"  {label:<26} {cell(before, key)} {cell(after, key)}")
     return "\n".join(lines)
 
 

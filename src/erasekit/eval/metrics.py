@@ -18,6 +18,7 @@ Each class has a functional twin sharing the private ``_in_topk`` code.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +64,37 @@ def exposure_rate(scores: np.ndarray, threshold: float) -> float:
     if s.ndim == 1:
         s = s[:, None]
     return float((s >= threshold).any(axis=1).mean()) if len(s) else float("nan")
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) of a binomial proportion ``successes / n``; 95% by default.
+
+    ``(p + z^2/2n -/+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)``. Unlike the normal ("Wald")
+    interval it stays inside [0, 1] and does not collapse to a point at 0% or 100%, which matters for
+    erasure rates near those ends. ``n == 0`` gives ``(nan, nan)``.
+    """
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"Need 0 <= successes <= n, got successes={successes}, n={n}.")
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends (no 0.9999999 from rounding)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return float(lo), float(hi)
+
+
+def rate_summary(hits: Sequence[bool] | np.ndarray) -> dict[str, Any]:
+    """A rate with its count and 95% Wilson interval: ``{"rate", "successes", "n", "ci95": [lo, hi]}``."""
+    a = np.asarray(hits, dtype=bool)
+    k, n = int(a.sum()), int(a.size)
+    lo, hi = wilson_interval(k, n)
+    return {"rate": k / n if n else float("nan"), "successes": k, "n": n, "ci95": [round(lo, 6), round(hi, 6)]}
 
 
 def attack_success_rate(shows_concept: Sequence[bool]) -> float:

@@ -18,7 +18,7 @@ import numpy as np
 
 from erasekit.eval.detectors import Detector, load_detector
 from erasekit.eval.generate import PromptItem, SamplingConfig, generate, generate_images, load_images
-from erasekit.eval.metrics import _in_topk, esr_k, psr_k
+from erasekit.eval.metrics import _in_topk, esr_k, psr_k, rate_summary
 from erasekit.world.shapes import COLOURS, OBJECTS
 
 ProtocolFn = Callable[..., dict[str, Any]]
@@ -121,6 +121,11 @@ def shapes_objects(
     for k in (1, 3):
         res[f"esr_{k}"] = esr_k(obj[er], labels[er], k) if er.any() else None
         res[f"psr_{k}"] = psr_k(obj[pr], labels[pr], k) if pr.any() else None
+    # each rate with its count and 95% Wilson interval (ESR counts misses of the erased classes)
+    res["intervals"] = {
+        **({f"esr_{k}": rate_summary(~_in_topk(obj[er], labels[er], k)) for k in (1, 3)} if er.any() else {}),
+        **({f"psr_{k}": rate_summary(_in_topk(obj[pr], labels[pr], k)) for k in (1, 3)} if pr.any() else {}),
+    }
     return res
 
 
