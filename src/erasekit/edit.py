@@ -139,6 +139,42 @@ class Edit:
             aux=load_file(d / EDIT_AUX) if (d / EDIT_AUX).exists() else {},
         )
 
+    # ------------------------------------------------------------------ exporting (erasekit.export)
+    def export(self, pipe, out: str | Path, format: str = "diffusers", **options: Any):
+        """Write this edit out of EraseKit as ``format`` (diffusers, lora, kohya, unet); ``pipe`` is the
+        unedited base. See :func:`erasekit.export.export` (issue 16) for the options."""
+        from erasekit.export import export  # erasekit.export imports this module: import on use
+
+        return export(self, pipe, out, format, **options)
+
+    def export_diffusers(self, pipe, out: str | Path, **options: Any):
+        """A pipeline folder stock ``StableDiffusionPipeline.from_pretrained`` loads (base's safety checker kept)."""
+        return self.export(pipe, out, "diffusers", **options)
+
+    def export_lora(
+        self, pipe, out: str | Path, *, rank: int | str | None = None, energy: float | None = None, **options: Any
+    ):
+        """``pytorch_lora_weights.safetensors`` for stock ``pipe.load_lora_weights(out)`` (truncated SVD at
+        ``rank``/``energy``; default full rank, exact)."""
+        return self.export(pipe, out, "lora", rank=rank, energy=energy, **options)
+
+    def export_kohya(
+        self,
+        pipe,
+        out: str | Path,
+        *,
+        rank: int | str | None = None,
+        energy: float | None = None,
+        drop_bias: bool = False,
+        **options: Any,
+    ):
+        """The same LoRA with kohya keys (A1111 / ComfyUI); bias deltas need ``drop_bias=True``."""
+        return self.export(pipe, out, "kohya", rank=rank, energy=energy, drop_bias=drop_bias, **options)
+
+    def export_unet(self, pipe, out: str | Path, **options: Any):
+        """The edited UNet alone, as a diffusers ``UNet2DConditionModel`` folder."""
+        return self.export(pipe, out, "unet", **options)
+
 
 def get_parameter(pipe, name: str) -> torch.Tensor:
     """Parameter ``component.path.to.weight`` of a pipeline (e.g. ``unet.mid_block...to_k.weight``)."""

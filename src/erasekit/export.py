@@ -644,7 +644,9 @@ def export_record(
 
 
 # ------------------------------------------------------------------------------------------ model card
-METRIC_KEYS = re.compile(r"^((esr|psr|rsr)_\d+|asr|ner(_[\w.]+)?|clip(_\w+)?|fid(_\w+)?|lpips_d)$")
+METRIC_KEYS = re.compile(
+    r"^((esr|psr|rsr)_\d+|asr(_\w+)?|pre_attack_rate|ner(_[\w.]+)?|clip(_\w+)?|fid(_\w+)?|lpips_d)$"
+)
 METRIC_NAMES = {"esr": "ESR", "psr": "PSR", "rsr": "RSR", "asr": "ASR", "ner": "NER", "clip": "CLIP", "fid": "FID"}
 
 
@@ -678,6 +680,11 @@ def collect_metrics(
                 v = v["mean"]
             if isinstance(v, int | float) and not isinstance(v, bool):
                 values[k] = float(v)
+        attacks = m.get("attacks")  # the shapes-attack protocol: {attack: {"asr": ...}}
+        if isinstance(attacks, dict):
+            for name, a in attacks.items():
+                if isinstance(a, dict) and isinstance(a.get("asr"), int | float):
+                    values[f"asr_{name}"] = float(a["asr"])
         if not values:
             continue
         seeds = m.get("seeds")
@@ -698,6 +705,8 @@ def collect_metrics(
 
 
 def _metric_name(key: str) -> str:
+    if key == "pre_attack_rate":
+        return "pre-attack rate"
     head, _, rest = key.partition("_")
     name = METRIC_NAMES.get(head, head.upper())
     return f"{name}-{rest}" if rest.isdigit() else (f"{name} ({rest})" if rest else name)
@@ -723,7 +732,6 @@ def eval_results(metrics: list[dict[str, Any]], model_name: str) -> list[Any]:
                     metric_name=_metric_name(key),
                     metric_value=round(value, 6),
                     metric_config=det_text,
-                    source_name="EraseKit",
                 )
             )
     return results
