@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         from erasekit.eval.detectors import load_detector
 
-        pipe, detector = erasekit.load_pipeline("shapes"), load_detector("shapes")
+        pipe, sampling, detector = erasekit.load_pipeline("shapes"), None, load_detector("shapes")
     settings = {
         "model": "tiny" if args.tiny else "shapes",
         "base": erasekit.pipeline.base_info(pipe)["fingerprint"],

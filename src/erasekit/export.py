@@ -99,7 +99,8 @@ def tail_errors(s: torch.Tensor) -> torch.Tensor:
 def truncated_svd(
     delta: torch.Tensor, *, rank: int | None = None, energy: float | None = None, name: str = "delta"
 ) -> LowRank:
-    """Best rank-r factorisation ``delta ~= up @ down`` (Eckart-Young-Mirsky; SVD in float64).
+    """Best rank-r factorisation ``delta ~= up @ down`` (Eckart-Young-Mirsky; SVD in float64), the
+    ``B A`` of LoRA (Hu et al., 2021, eq. 3: ``h = W_0 x + B A x``) with B = up, A = down.
 
     ``rank=None, energy=None`` keeps the full rank ``min(out, in)`` (exact up to round-off);
     ``energy=e`` keeps the smallest r with ``sum_{i<r} s_i^2 >= e * sum_i s_i^2`` (relative error
@@ -244,18 +245,21 @@ def plan_lora(
     rank: int | Literal["full"] | None = None,
     energy: float | None = None,
     bias: Literal["keep", "drop", "refuse"] = "keep",
+    check: bool = True,
 ) -> LoraPlan:
     """Factorise ``edit``'s weight deltas against the base ``pipe`` (which must not have the edit applied).
 
     ``bias``: ``keep`` exports Linear bias deltas exactly (peft ``lora_bias``); ``drop`` leaves them
     out (their size goes into the error); ``refuse`` raises if there is any. Raises ``ValueError``,
     listing them, if a changed tensor is not a Linear weight/bias of the UNet or text encoder.
+    ``check=False`` skips the base check (:func:`check_base_now`) when the caller has just done it.
     """
     if rank == "full":
         rank = None
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise ValueError(f"`rank` must be a positive integer or 'full', got {rank!r}.")
-    check_base_now(edit, pipe)
+    if check:
+        check_base_now(edit, pipe)
     refused, linear, biases, in_features = [], {}, {}, {}
     for name in sorted(edit.tensors):
         component, module_name, kind = _split_name(name)
@@ -529,6 +533,7 @@ def export(
             rank=rank,
             energy=energy,
             bias="keep" if format == "lora" else ("drop" if drop_bias else "refuse"),
+            check=False,
         )
         states, configs = lora_state_dicts(plan)
     if format == "unet":
