@@ -11,6 +11,7 @@ re-running skips the cells already done with the same settings).
 
     python bench/export_lora.py --threads 1 --n-per-class 10        # what bench/results/export/ holds
     python bench/export_lora.py --tiny                               # smoke test (random tiny model)
+    python bench/export_lora.py --rows ap --out B ... ; python bench/export_lora.py --merge B   # parallel runs
 """
 
 from __future__ import annotations
@@ -77,7 +78,15 @@ def summarise(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    for key, c in results["cells"].items():
+    order = ["original", *ROWS]
+    ranks = ["-", "1", "4", "16", "full"]
+
+    def where(key: str) -> tuple[int, int, str]:
+        row, rank = key.split("|")
+        return (order.index(row) if row in order else 99, ranks.index(rank) if rank in ranks else 99, rank)
+
+    for key in sorted(results["cells"], key=where):
+        c = results["cells"][key]
         row, rank = key.split("|")
         err = "-" if c.get("error") is None else f"{c['error']:.3e}"
         r1 = c.get("uniform_rank_for_1pct", "-")
@@ -104,6 +113,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tiny", action="store_true", help="smoke test: random tiny model, stand-in detector")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated --out folders of parallel runs (same settings): fold their cells into --out, run nothing",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +151,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = json.loads(path.read_text()) if path.exists() else {"settings": settings, "cells": {}, "edits": {}}
     if results["settings"] != settings:
         raise SystemExit(f"{path} was made with other settings ({results['settings']}); use another --out.")
+
+    for other in [Path(m.strip()) for m in args.merge.split(",") if m.strip()]:
+        theirs = json.loads((other / "results.json").read_text())
+        if theirs["settings"] != settings:
+            raise SystemExit(f"{other / 'results.json'} was made with other settings; cannot merge it.")
+        results["cells"].update({k: v for k, v in theirs["cells"].items() if k not in results["cells"]})
+        results["edits"].update({k: v for k, v in theirs["edits"].items() if k not in results["edits"]})
+    if args.merge:
+        rows, args.original = [], False  # merging only
 
     def save() -> None:
         write_json_atomic(path, results)
