@@ -96,7 +96,7 @@ def test_truncated_svd_diagonal_by_hand_energy_and_numerical_rank():
     "kwargs,match",
     [
         ({"rank": 4}, "larger than layer"),
-        ({"rank": 0}, "larger than layer"),
+        ({"rank": 0}, "at least 1"),
         ({"rank": 1, "energy": 0.5}, "either"),
         ({"energy": 1.5}, "energy"),
     ],

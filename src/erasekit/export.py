@@ -111,7 +111,9 @@ def truncated_svd(
     if rank is not None and energy is not None:
         raise ValueError("Pass either `rank` or `energy`, not both.")
     max_rank = min(delta.shape)
-    if rank is not None and not 1 <= rank <= max_rank:
+    if rank is not None and rank < 1:
+        raise ValueError(f"`rank` must be at least 1, got {rank}; or pass --rank full or --energy.")
+    if rank is not None and rank > max_rank:
         raise ValueError(
             f"`rank` {rank} is larger than layer {name!r} allows (shape {tuple(delta.shape)}, at most {max_rank}); "
             f"pass --rank {max_rank} or less, --rank full, or --energy."
