@@ -540,3 +540,12 @@ def test_miniature_exports_give_apply_images_in_a_process_without_erasekit(metho
         assert any(k.endswith(".bias") for k in edit.tensors)
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
     _equal_to_apply(edit, pipe, erasekit.pipeline.bundled_path(), tmp_path, prompts, [0, 1, 2, 3], 20, 5.0, 32)
+
+
+def test_miniature_folder_export_keeps_its_sampling_defaults(tmp_path):
+    from erasekit.eval.generate import sampling_defaults
+
+    pipe = load_pipeline("shapes")
+    res = export(_uce(pipe, ["circle"]), pipe, tmp_path / "m", "diffusers")
+    assert res.record["base_components_copied"] == ["erasekit_world.json"]
+    assert sampling_defaults(load_pipeline(tmp_path / "m")) == sampling_defaults(pipe)  # 20 steps, guidance 5

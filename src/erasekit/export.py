@@ -61,6 +61,7 @@ LORA_COMPONENTS = ("unet", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle", ".msgpack", ".h5")
 # pipeline components load_pipeline drops that an export copies back from the base folder
 BASE_EXTRAS = ("safety_checker", "feature_extractor")
+BASE_FILES = ("erasekit_world.json",)  # top-level files of a base folder an exported pipeline keeps
 ONE_PERCENT = 0.01
 
 
@@ -441,7 +442,7 @@ def base_folder(edit: Edit) -> Path | None:
 def copy_base_extras(base: Path | None, out: Path) -> list[str]:
     """Copy the base folder's safety checker and feature extractor into pipeline folder ``out`` and
     restore their ``model_index.json`` entries and ``requires_safety_checker``; safetensors only.
-    Returns the copied component names."""
+    Also copies :data:`BASE_FILES`. Returns what was copied."""
     if base is None or not (base / "model_index.json").exists():
         return []
     base_index = json.loads((base / "model_index.json").read_text())
@@ -465,6 +466,10 @@ def copy_base_extras(base: Path | None, out: Path) -> list[str]:
                 shutil.copy2(f, out / comp / f.name)
         index[comp] = entry
         copied.append(comp)
+    for name in BASE_FILES:  # e.g. the miniature's own sampling defaults, read by load_pipeline(out)
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)
+            copied.append(name)
     if "requires_safety_checker" in base_index:
         index["requires_safety_checker"] = base_index["requires_safety_checker"]
     write_json_atomic(out / "model_index.json", index)
