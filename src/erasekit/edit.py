@@ -255,6 +255,42 @@ def with_touched_digest(edit: Edit, pipe) -> Edit:
         return edit  # mixed precision: the exact-bytes check does not apply
     return replace(edit, base={**edit.base, "touched_digest": tensors_digest(params), "touched_dtype": dtypes.pop()})
 
+    # ------------------------------------------------------------------ exporting (erasekit.export)
+    def export(self, pipe, out: str | Path, format: str = "diffusers", **options: Any) -> Any:
+        """Write this edit out of EraseKit as ``format`` (diffusers, lora, kohya, unet); ``pipe`` is the
+        unedited base. See :func:`erasekit.export.export` (issue 16) for the options."""
+        from erasekit.export import export  # erasekit.export imports this module: import on use
+
+        return export(self, pipe, out, format, **options)
+
+    def export_diffusers(self, pipe, out: str | Path, **options: Any) -> Any:
+        """A pipeline folder stock ``StableDiffusionPipeline.from_pretrained`` loads (base's safety checker kept)."""
+        return self.export(pipe, out, "diffusers", **options)
+
+    def export_lora(
+        self, pipe, out: str | Path, *, rank: int | str | None = None, energy: float | None = None, **options: Any
+    ) -> Any:
+        """``pytorch_lora_weights.safetensors`` for stock ``pipe.load_lora_weights(out)`` (truncated SVD at
+        ``rank``/``energy``; default full rank, exact)."""
+        return self.export(pipe, out, "lora", rank=rank, energy=energy, **options)
+
+    def export_kohya(
+        self,
+        pipe,
+        out: str | Path,
+        *,
+        rank: int | str | None = None,
+        energy: float | None = None,
+        drop_bias: bool = False,
+        **options: Any,
+    ) -> Any:
+        """The same LoRA with kohya keys (A1111 / ComfyUI); bias deltas need ``drop_bias=True``."""
+        return self.export(pipe, out, "kohya", rank=rank, energy=energy, drop_bias=drop_bias, **options)
+
+    def export_unet(self, pipe, out: str | Path, **options: Any) -> Any:
+        """The edited UNet alone, as a diffusers ``UNet2DConditionModel`` folder."""
+        return self.export(pipe, out, "unet", **options)
+
 
 def get_parameter(pipe, name: str) -> torch.Tensor:
     """Parameter ``component.path.to.weight`` of a pipeline (e.g. ``unet.mid_block...to_k.weight``)."""
