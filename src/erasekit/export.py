@@ -46,7 +46,6 @@ from typing import Any, Literal
 
 import torch
 
-from erasekit.analysis.spectrum import edit_applied
 from erasekit.edit import Edit, get_parameter
 from erasekit.io import save_safetensors_atomic, write_json_atomic
 from erasekit.pipeline import fingerprint
@@ -553,11 +552,11 @@ def export(
     with staged_dir(out) as tmp:
         copied: list[str] = []
         if format == "diffusers":
-            with edit_applied(pipe, edit):
+            with edit.applied(pipe):
                 pipe.save_pretrained(tmp, safe_serialization=True)
             copied = copy_base_extras(base_folder(edit), tmp)
         elif format == "unet":
-            with edit_applied(pipe, edit):
+            with edit.applied(pipe):
                 pipe.unet.save_pretrained(tmp, safe_serialization=True)
         elif format == "lora":
             from diffusers import StableDiffusionPipeline

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from erasekit.io import write_json_atomic
@@ -131,20 +130,10 @@ def _as_source(obj, config: SpectrumConfig) -> ImageSource:
 
 @contextmanager
 def edit_applied(pipe, edit) -> Iterator[Any]:
-    """Temporarily write ``edit``'s tensors into ``pipe``; the original tensors are restored on exit.
-
-    Only the edited tensors are backed up, so this costs far less memory than a second pipeline.
-    """
-    from erasekit.edit import get_parameter
-
-    backup = {name: get_parameter(pipe, name).detach().clone() for name in edit.tensors}
-    edit.apply_(pipe)
-    try:
+    """Temporarily write ``edit``'s tensors into ``pipe``: :meth:`erasekit.edit.Edit.applied` (kept
+    under this name for existing callers)."""
+    with edit.applied(pipe):
         yield pipe
-    finally:
-        with torch.no_grad():
-            for name, value in backup.items():
-                get_parameter(pipe, name).copy_(value)
 
 
 def edit_digest(edit) -> str:
