@@ -158,8 +158,8 @@ class Edit:
     def applied(self, pipe, *, check: bool = True) -> Iterator[Any]:
         """Apply the edit to ``pipe`` for the block, then restore the original values exactly::
 
-            with edit.applied(pipe):
-                images = pipe(prompt).images
+        with edit.applied(pipe):
+            images = pipe(prompt).images
         """
         targets = self._targets(pipe)
         with torch.no_grad():
@@ -205,7 +205,9 @@ class Edit:
         """Read an edit written by :meth:`save` (safetensors only; nothing is unpickled)."""
         d = Path(directory)
         if not (d / EDIT_META).exists() or not (d / EDIT_TENSORS).exists():
-            raise FileNotFoundError(f"No edit in {str(d)!r}: expected {EDIT_META} and {EDIT_TENSORS} (written by Edit.save).")
+            raise FileNotFoundError(
+                f"No edit in {str(d)!r}: expected {EDIT_META} and {EDIT_TENSORS} (written by Edit.save)."
+            )
         meta = json.loads((d / EDIT_META).read_text())
         tensors = load_file(d / EDIT_TENSORS)
         listed = set(meta.get("parameters", tensors))
@@ -232,28 +234,6 @@ class Edit:
                 f"{meta['digest']}): the files were corrupted or changed after saving; re-create the edit."
             )
         return edit
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 (16 hex digits) over sorted names, dtypes, shapes and raw bytes of ``tensors``."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def with_touched_digest(edit: Edit, pipe) -> Edit:
-    """The edit with ``base["touched_digest"]``: the digest of ``pipe``'s values of every parameter it
-    overwrites, taken from the pipeline the edit was computed on (see :meth:`Edit.check_base`)."""
-    from dataclasses import replace
-
-    params = {n: get_parameter(pipe, n) for n in edit.tensors}
-    dtypes = {str(p.dtype) for p in params.values()}
-    if len(dtypes) != 1:
-        return edit  # mixed precision: the exact-bytes check does not apply
-    return replace(edit, base={**edit.base, "touched_digest": tensors_digest(params), "touched_dtype": dtypes.pop()})
 
     # ------------------------------------------------------------------ exporting (erasekit.export)
     def export(self, pipe, out: str | Path, format: str = "diffusers", **options: Any) -> Any:
@@ -290,6 +270,28 @@ def with_touched_digest(edit: Edit, pipe) -> Edit:
     def export_unet(self, pipe, out: str | Path, **options: Any) -> Any:
         """The edited UNet alone, as a diffusers ``UNet2DConditionModel`` folder."""
         return self.export(pipe, out, "unet", **options)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (16 hex digits) over sorted names, dtypes, shapes and raw bytes of ``tensors``."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def with_touched_digest(edit: Edit, pipe) -> Edit:
+    """The edit with ``base["touched_digest"]``: the digest of ``pipe``'s values of every parameter it
+    overwrites, taken from the pipeline the edit was computed on (see :meth:`Edit.check_base`)."""
+    from dataclasses import replace
+
+    params = {n: get_parameter(pipe, n) for n in edit.tensors}
+    dtypes = {str(p.dtype) for p in params.values()}
+    if len(dtypes) != 1:
+        return edit  # mixed precision: the exact-bytes check does not apply
+    return replace(edit, base={**edit.base, "touched_digest": tensors_digest(params), "touched_dtype": dtypes.pop()})
 
 
 def get_parameter(pipe, name: str) -> torch.Tensor:
