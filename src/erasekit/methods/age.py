@@ -90,6 +90,15 @@ class AGEConfig(APConfig):
     )
 
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.search == "pgd":
+            raise ValueError(
+                "AGE's `search` must be 'gumbel' or 'fixed', got 'pgd': the pgd search starts at c_e itself, where "
+                "the target is the erased concept, L1 and L2 are 0 and their gradients vanish, so it never moves."
+            )
+
+
 AGE_PAPER: dict[str, Any] = {
     **AP_PAPER,
     "relaxation": "topk",
