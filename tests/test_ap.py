@@ -206,19 +206,40 @@ def test_presets_paper_and_authors():
     """The default is the authors' code (Table 1 was made with it); the paper preset is eq. 5 as printed."""
     c = APConfig()
     assert (c.steps, c.lr, c.k, c.lam, c.temperature, c.relaxation, c.train_method, c.search) == (
-        1000, 1e-5, None, 1.0, 2.0, "hard", "xattn", "gumbel"
+        1000,
+        1e-5,
+        None,
+        1.0,
+        2.0,
+        "hard",
+        "xattn",
+        "gumbel",
     )
     assert {k: getattr(c, k) for k in AP_AUTHORS} == AP_AUTHORS
     assert (c.search_space, c.pool, c.search_gradient, c.loss_space, c.search_loop, c.n_iter) == (
-        "stratified", 1000, "semi", "x0", "fresh", 1
+        "stratified",
+        1000,
+        "semi",
+        "x0",
+        "fresh",
+        1,
     )
     assert (c.search_state, c.l2_latent, c.negative_guidance, c.search_lr, c.zt_producer) == (
-        "per_concept", "own", 1.0, 1e-2, "trained"
+        "per_concept",
+        "own",
+        1.0,
+        1e-2,
+        "trained",
     )
     p = make_config("ap", "paper")
     assert {k: getattr(p, k) for k in AP_PAPER} == AP_PAPER
     assert (p.search_space, p.search_gradient, p.loss_space, p.search_loop, p.n_iter, p.search_lr) == (
-        "nearest", "exact", "eps", "same", 2, 1e-3
+        "nearest",
+        "exact",
+        "eps",
+        "same",
+        2,
+        1e-3,
     )
     assert (p.search_state, p.l2_latent, p.negative_guidance, p.zt_producer) == ("shared", "erased", 0.0, "exact")
 
@@ -289,7 +310,14 @@ def test_per_concept_state_keeps_a_row_not_drawn_still():
     moved = {}
     for state in ("shared", "per_concept"):
         s = GumbelSearch(
-            [list("abcd")] * 2, emb, temperature=1.0, relaxation="soft", topk=4, n_iter=3, lr=0.1, optimizer="adam",
+            [list("abcd")] * 2,
+            emb,
+            temperature=1.0,
+            relaxation="soft",
+            topk=4,
+            n_iter=3,
+            lr=0.1,
+            optimizer="adam",
             state=state,
         )
         s.ascend(objective, [0], torch.Generator().manual_seed(2))
@@ -300,7 +328,14 @@ def test_per_concept_state_keeps_a_row_not_drawn_still():
         assert not torch.equal(s.logits[1].detach(), torch.zeros(4))
         # checkpoint round trip
         t = GumbelSearch(
-            [list("abcd")] * 2, emb, temperature=1.0, relaxation="soft", topk=4, n_iter=3, lr=0.1, optimizer="adam",
+            [list("abcd")] * 2,
+            emb,
+            temperature=1.0,
+            relaxation="soft",
+            topk=4,
+            n_iter=3,
+            lr=0.1,
+            optimizer="adam",
             state=state,
         )
         t.load_state_tensors({k: v.clone() for k, v in s.state_tensors().items()})  # as a checkpoint file holds

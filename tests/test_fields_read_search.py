@@ -86,12 +86,29 @@ CONFIGS = {"ap": APConfig, "age": AGEConfig}
 # reads through the same code) run with -m slow.
 FAST_PROBES = {
     "ap": {
-        "search_space", "pool", "search_gradient", "search_loop", "search_state", "l2_latent", "loss_space",
-        "negative_guidance", "zt_producer",
+        "search_space",
+        "pool",
+        "search_gradient",
+        "search_loop",
+        "search_state",
+        "l2_latent",
+        "loss_space",
+        "negative_guidance",
+        "zt_producer",
     },
     "age": {
-        "search_space", "pool", "search_gradient", "search_loop", "search_state", "l2_latent", "loss_space",
-        "negative_guidance", "zt_producer", "detach_target", "lam", "relaxation",
+        "search_space",
+        "pool",
+        "search_gradient",
+        "search_loop",
+        "search_state",
+        "l2_latent",
+        "loss_space",
+        "negative_guidance",
+        "zt_producer",
+        "detach_target",
+        "lam",
+        "relaxation",
     },
 }
 FIELDS = {m: {f.name: f for f in fields(c)} for m, c in CONFIGS.items()}

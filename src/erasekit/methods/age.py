@@ -74,7 +74,8 @@ class AGEConfig(APConfig):
     )
     temperature: float = option(0.1, "Gumbel-Softmax temperature tau (> 0; AGE's script 0.1)", search=("gumbel",))
     relaxation: Relaxation = option(
-        "hard", "hard (straight-through one-hot, AGE's scripts), soft (mixture), topk (the code's default)",
+        "hard",
+        "hard (straight-through one-hot, AGE's scripts), soft (mixture), topk (the code's default)",
         search=("gumbel",),
     )
     topk: int = option(5, "target candidates mixed by the topk relaxation", search=("gumbel",), relaxation=("topk",))
@@ -88,7 +89,6 @@ class AGEConfig(APConfig):
         search=SEARCHING,
         search_gradient=("exact",),
     )
-
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -470,7 +470,9 @@ class APConfig(FinetuneConfig):
         search=SEARCHING,
         search_space=("stratified",),
     )
-    n_iter: int = option(1, "N_iter: ascent steps of the search per descent step (authors 1, paper 2)", search=SEARCHING)
+    n_iter: int = option(
+        1, "N_iter: ascent steps of the search per descent step (authors 1, paper 2)", search=SEARCHING
+    )
     search_lr: float = option(
         1e-2, "eta: step size of the search (the logits' learning rate; paper 1e-3, scripts 1e-2)", search=SEARCHING
     )
@@ -502,9 +504,7 @@ class APConfig(FinetuneConfig):
         "x0", "compare noise predictions (eps, paper) or the predicted x0 (authors; weights t by (1-abar)/abar)"
     )
     temperature: float = option(2.0, "Gumbel-Softmax temperature tau (> 0)", search=("gumbel",))
-    relaxation: Relaxation = option(
-        "hard", "hard (straight-through one-hot), soft (mixture), topk", search=("gumbel",)
-    )
+    relaxation: Relaxation = option("hard", "hard (straight-through one-hot), soft (mixture), topk", search=("gumbel",))
     topk: int = option(5, "candidates kept by the topk relaxation", search=("gumbel",), relaxation=("topk",))
     pgd_radius: float = option(1.0, "L-inf radius of the pgd search around c_e's embedding", search=("pgd",))
     fixed_concept: str = option("", "the concept preserved by search='fixed'", search=("fixed",))
@@ -814,7 +814,9 @@ class APLoss(SearchLoss):
         logs = {"l1": float(loss1.detach()), "l2": float(loss2.detach())}
         if ascent:
             logs["l2_search"] = ascent[-1]
-        record: dict[str, Any] = {"adversarial": [{"erase": c, **r} for c, r in zip(batch.concepts, records, strict=True)]}
+        record: dict[str, Any] = {
+            "adversarial": [{"erase": c, **r} for c, r in zip(batch.concepts, records, strict=True)]
+        }
         if drawn:
             record["search_ddim_steps"] = drawn
         return StepOutput(loss=loss1 + cfg.lam * loss2, logs=logs, record=record)
