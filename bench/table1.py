@@ -12,7 +12,9 @@ N_iter 2, eta_search 1e-3, lambda 1, temperature 2) by default. Changes the mini
 
 - AP is run twice: as paper eq. 5 writes it (L1 target eps(c_t), row "AP") and with ESD's
   negative-guidance target eta = 1 as the authors' script does (row "AP (η=1)"; same erase loss as
-  ESD plus AP's preservation, so it isolates what the preservation costs or buys).
+  ESD plus AP's preservation, so it isolates what the preservation costs or buys). Both use the
+  ``paper`` preset, as does "AGE"; the rows "AP (authors)" and "AGE (authors)" run the ``authors``
+  preset (the authors' code: see ``erasekit methods`` and bench/results/ap-authors).
 - AP's and AGE's concept space is the miniature's own vocabulary (about 60 words; its text encoder
   never saw other words), so K is that vocabulary (minus the erased objects) instead of 100.
 - Compute (2 CPU cores): the measured table used ``--steps 200 --ddim-steps 20 --lr 5e-4`` for every
@@ -70,9 +72,13 @@ ROWS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "rece": ("rece", {}),
     "esd-x": ("esd", {"train_method": "xattn"}),
     "esd-u": ("esd", {"train_method": "noxattn"}),
-    "ap": ("ap", {}),
-    "ap-eta1": ("ap", {"negative_guidance": 1.0}),
-    "age": ("age", {}),
+    # AP and AGE name their preset: "ap"/"age" are the paper's equations (the rows measured before the
+    # presets existed, when these were the defaults), "-authors" the authors' code (issue 12).
+    "ap": ("ap", {"preset": "paper"}),
+    "ap-eta1": ("ap", {"preset": "paper", "negative_guidance": 1.0}),
+    "ap-authors": ("ap", {"preset": "authors"}),
+    "age": ("age", {"preset": "paper"}),
+    "age-authors": ("age", {"preset": "authors"}),
     "hide": ("hide", {}),
 }
 FINETUNED = {"esd", "ap", "age", "hide"}
@@ -84,7 +90,9 @@ LABELS = {
     "esd-u": "ESD-u",
     "ap": "AP",
     "ap-eta1": "AP (η=1)",
+    "ap-authors": "AP (authors)",
     "age": "AGE",
+    "age-authors": "AGE (authors)",
     "hide": "Hiding",
 }
 METRICS = ("esr_1", "esr_3", "psr_1", "psr_3", "rsr_1", "rsr_3")
@@ -129,6 +137,7 @@ def run_cell(pipe, row: str, erase: list[str], args, detector, sampling: Samplin
     preserve = [o for o in OBJECTS if o not in erase]
     request = EraseRequest(erase)
     kw: dict[str, Any] = dict(extra)
+    preset = kw.pop("preset", None)
     if method in FINETUNED:
         kw.update(steps=args.steps, lr=args.lr, ddim_steps=args.ddim_steps, seed=args.seed)
     if method in ("ap", "age"):
@@ -144,7 +153,7 @@ def run_cell(pipe, row: str, erase: list[str], args, detector, sampling: Samplin
 
         edit, key = hide(pipe, request, HideConfig(**kw), progress=not args.quiet)
     elif method is not None:
-        edit = erasekit.erase(pipe, request, method=method, progress=not args.quiet, **kw)
+        edit = erasekit.erase(pipe, request, method=method, preset=preset, progress=not args.quiet, **kw)
     seconds = time.perf_counter() - t0
     with edit_applied(pipe, edit) if edit is not None else nullcontext():
         res = evaluate(
@@ -165,6 +174,10 @@ def run_cell(pipe, row: str, erase: list[str], args, detector, sampling: Samplin
             cell.update(recovery_rates(pipe, key, erase, args.n_per_class, sampling or SamplingConfig(), detector))
     cell["erase_seconds"] = round(seconds, 2)
     cell["erase"] = erase
+    if edit is not None and edit.config.get("preset") is not None:
+        cell["preset"] = edit.config["preset"]
+        if "search_lr" in edit.config:
+            cell["search_lr"] = edit.config["search_lr"]
     if edit is not None and "log" in edit.trace:
         cell["chosen"] = [
             # (erased, chosen concept, the chosen concept's probability under the search's logits)

@@ -43,11 +43,29 @@ def search_shares(cell: dict[str, Any], quarters: int = 4) -> list[dict[str, flo
     return out
 
 
+def search_lr(settings: dict[str, Any], cells: dict[str, Any]) -> float:
+    """The search step size of a row: recorded in its cells (runs with presets), else the run's flag or 1e-3."""
+    recorded = {c["search_lr"] for c in cells.values() if "search_lr" in c}
+    if len(recorded) == 1:
+        return recorded.pop()
+    return settings.get("search_lr", 1e-3)
+
+
+def top_chosen(cell: dict[str, Any], n: int = 3) -> list[tuple[str, float]]:
+    """The ``n`` concepts chosen most often in the last quarter of a run, with their shares."""
+    picks = [p[1] for _, chosen in cell["chosen"] for p in chosen]
+    last = picks[len(picks) - len(picks) // 4 :] if len(picks) >= 4 else picks
+    names, counts = np.unique(last, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:n]
+    return [(str(names[i]), float(counts[i]) / len(last)) for i in order]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", type=Path, help="--out folders of bench/table1.py")
     p.add_argument("--row", default="ap-eta1", help="the row to read (ap, ap-eta1, age)")
     p.add_argument("--splits", default="0,1,2,3", help="comma-separated splits to read (those present)")
+    p.add_argument("--top", action="store_true", help="also print the most chosen concepts of each cell's last quarter")
     a = p.parse_args(argv)
     wanted = {s.strip() for s in a.splits.split(",") if s.strip()}
     print("| run | search lr | splits | ESR-1 | PSR-1 | last quarter: kept objects | erased objects' synonyms | p |")
@@ -66,12 +84,16 @@ def main(argv: list[str] | None = None) -> None:
         settings = res["settings"]
         print(
             f"| {folder.name}{' (synonyms excluded)' if settings.get('exclude_synonyms') else ''} "
-            f"| {settings.get('search_lr', 1e-3):g} | {','.join(sorted(k.split('|')[1] for k in cells))} "
+            f"| {search_lr(settings, cells):g} | {','.join(sorted(k.split('|')[1] for k in cells))} "
             f"| {100 * np.mean([c['esr_1'] for c in cells.values()]):.1f} "
             f"| {100 * np.mean([c['psr_1'] for c in cells.values()]):.1f} "
             f"| {np.mean([x['kept'] for x in last]):.2f} | {np.mean([x['erased'] for x in last]):.2f} "
             f"| {f'{np.mean(ps):.2f}' if ps else 'n/a'} |"
         )
+        if a.top:
+            for key in sorted(cells):
+                top = ", ".join(f"{n} {s:.2f}" for n, s in top_chosen(cells[key]))
+                print(f"|   {key}: most chosen, last quarter | {top} |||||||")
 
 
 if __name__ == "__main__":
