@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from reference_rece import _encode, run_reference
 
 import erasekit
 from erasekit.edit import EraseRequest
 from erasekit.methods.rece import rece_checkpoint
-from reference_rece import _encode, run_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 

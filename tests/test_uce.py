@@ -2,8 +2,7 @@ import pytest
 import torch
 
 import erasekit
-from erasekit.edit import Edit, EraseRequest
-from erasekit.edit import get_parameter
+from erasekit.edit import Edit, EraseRequest, get_parameter
 from erasekit.methods.uce import (
     UCEConfig,
     aligned_token_embeddings,
