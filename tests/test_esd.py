@@ -43,9 +43,10 @@ def test_esd_step_uses_the_frozen_original_and_the_anchor(tiny_pipe):
     assert loss.requires_grad
 
 
-def test_esd_defaults_are_the_papers_and_recorded(tiny_pipe, tmp_path):
+def test_esd_defaults_are_the_authors_and_recorded(tiny_pipe, tmp_path):
     d = ESDConfig()
     assert (d.steps, d.lr, d.eta, d.start_guidance, d.ddim_steps, d.train_method) == (1000, 1e-5, 1.0, 3.0, 50, "xattn")
+    assert d.zt_producer == "trained"  # CompVis train-esd.py samples z_t with the model being trained
     edit = erasekit.erase(
         tiny_pipe, EraseRequest(["triangle"]), method="esd", steps=2, ddim_steps=2, lr=1e-3, progress=False
     )
@@ -54,7 +55,7 @@ def test_esd_defaults_are_the_papers_and_recorded(tiny_pipe, tmp_path):
     assert len(edit.trace["log"]) == 2 and edit.trace["n_parameters"] > 0
     edit.save(tmp_path / "e")
     loaded = Edit.load(tmp_path / "e")
-    assert loaded.config == {**asdict(ESDConfig(steps=2, ddim_steps=2, lr=1e-3)), "preset": "paper"}
+    assert loaded.config == {**asdict(ESDConfig(steps=2, ddim_steps=2, lr=1e-3)), "preset": "authors"}
     assert all(torch.equal(loaded.tensors[k], edit.tensors[k]) for k in edit.tensors)
 
 
@@ -80,3 +81,30 @@ def test_esd_gradient_descends_its_objective(tiny_pipe):
 def test_esd_bad_eta():
     with pytest.raises(ValueError, match="eta"):
         ESDConfig(eta=-1)
+
+
+def test_authors_sample_z_t_with_the_trained_model_and_paper_with_the_frozen(tiny_pipe, monkeypatch):
+    """The presets differ in the z_t sampler only: authors (default) = the model being trained (CompVis
+    quick_sample_till_t on `model`), paper = the frozen original."""
+    calls = []
+    original = FinetuneContext.sample_zt
+
+    def spy(self, *args, frozen=True, **kw):
+        calls.append(frozen)
+        return original(self, *args, frozen=frozen, **kw)
+
+    monkeypatch.setattr(FinetuneContext, "sample_zt", spy)
+    run = dict(method="esd", steps=3, ddim_steps=3, lr=1e-2, progress=False)
+    authors = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), **run)
+    assert calls == [False] * 3
+    calls.clear()
+    paper = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), preset="paper", **run)
+    assert calls == [True] * 3 and paper.config["zt_producer"] == "exact" and authors.config["zt_producer"] == "trained"
+
+
+def test_diffusers_negative_guidance_2_equals_our_eta_1():
+    """esd_sd.py's target eps(c_e) - ng (eps(c_e) - eps(c_0)) with ng = 2 is eq. 4's with eta = 1 (eta = ng - 1)."""
+    g = torch.Generator().manual_seed(0)
+    e_0, e_e = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    for ng in (1.0, 2.0, 3.5):
+        torch.testing.assert_close(e_e - ng * (e_e - e_0), esd_target(e_0, e_e, ng - 1.0))

@@ -5,17 +5,22 @@ import torch
 import erasekit
 from erasekit.edit import Edit, EraseRequest, get_parameter
 from erasekit.eval.generate import SamplingConfig, generate_images
+from erasekit.methods.base import make_config, preset_diff
 from erasekit.methods.rece import (
     DERIVED_KEY,
+    RECE_PRESETS,
     RECEConfig,
+    derivation_matrix,
     derive_embedding,
     derived_embedding_images,
     derived_prompt_embeds,
     kv_parameter_names,
+    kv_weights,
     rece_checkpoint,
+    select_epoch,
 )
-from erasekit.methods.uce import aligned_token_embeddings
-from erasekit.pipeline import last_token_index, load_pipeline
+from erasekit.methods.uce import aligned_token_embeddings, uce_closed_form
+from erasekit.pipeline import encode_prompts, last_token_index, load_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
@@ -79,7 +84,8 @@ def _residual(pipe, w_new: dict, c_new, c):
 
 def test_derived_embedding_regenerates_concept_kv_better_than_the_concept(tiny_pipe):
     req = EraseRequest(["triangle"])
-    uce = rece_checkpoint(tiny_pipe, erasekit.erase(tiny_pipe, req, method="rece", epochs=2, progress=False), 0)
+    paper = dict(method="rece", preset="paper", epochs=2, progress=False)  # erases UCE's from-last-word slice
+    uce = rece_checkpoint(tiny_pipe, erasekit.erase(tiny_pipe, req, **paper), 0)
     w_orig = {k: get_parameter(tiny_pipe, k).detach() for k in uce.tensors}
     c, _ = aligned_token_embeddings(tiny_pipe, ["triangle"], [""])
     c_der = derive_embedding([w_orig[k] for k in uce.tensors], list(uce.tensors.values()), c, 0.1)
@@ -88,7 +94,7 @@ def test_derived_embedding_regenerates_concept_kv_better_than_the_concept(tiny_p
     assert raw > 0.01  # UCE did move the concept's keys/values
     assert der < 0.5 * raw
     # RECE then erases c'_0: in the final model it no longer reproduces the original K/V
-    rece = erasekit.erase(tiny_pipe, req, method="rece", epochs=2, progress=False)
+    rece = erasekit.erase(tiny_pipe, req, **paper)
     c0 = rece.aux[DERIVED_KEY][0, 0]  # (77, D), all positions; compare on the erased slice
     start = last_token_index(tiny_pipe, ["triangle"])[0]
     torch.testing.assert_close(c0[start:], c_der, rtol=1e-4, atol=1e-5)
@@ -97,10 +103,14 @@ def test_derived_embedding_regenerates_concept_kv_better_than_the_concept(tiny_p
     assert log[0]["residual_derived"] == pytest.approx(der, rel=1e-4)
 
 
-def test_epoch_zero_checkpoint_is_uce_and_last_checkpoint_is_the_edit(tiny_pipe):
+@pytest.mark.parametrize("preset", ["paper", "authors"])
+def test_epoch_zero_checkpoint_is_uce_and_last_checkpoint_is_the_edit(tiny_pipe, preset):
+    """Epoch 0 is the UCE step: with the paper preset UCE at lambda_1 = lambda_2 = 0.1 (paper preset of UCE),
+    with the authors preset UCE's own authors preset (lambda 0.5, '' kept, scale max(0.1, 1/#retained))."""
     req = EraseRequest(["star"], preserve=["heart"])
-    edit = erasekit.erase(tiny_pipe, req, method="rece", epochs=2, progress=False)
-    uce = erasekit.erase(tiny_pipe, req, method="uce", erase_scale=1.0, preserve_scale=0.1, lamb=0.1, progress=False)
+    edit = erasekit.erase(tiny_pipe, req, method="rece", preset=preset, epochs=2, progress=False)
+    uce_kw = {"preserve_scale": 0.1, "lamb": 0.1} if preset == "paper" else {}
+    uce = erasekit.erase(tiny_pipe, req, method="uce", preset=preset, progress=False, **uce_kw)
     ck0 = rece_checkpoint(tiny_pipe, edit, 0)
     for k in uce.tensors:
         torch.testing.assert_close(ck0.tensors[k], uce.tensors[k], rtol=0, atol=0)
@@ -175,3 +185,65 @@ def test_derived_embedding_images_restore_the_pipeline(tiny_pipe):
     edit.apply_(tiny_pipe)
     with pytest.raises(ValueError, match="unedited base pipeline"):
         derived_embedding_images(tiny_pipe, edit, [0], SamplingConfig(steps=1))
+
+
+# ---------------------------------------------------------------- issue 12: the authors' options
+
+
+def test_authors_epoch_erases_all_77_derived_positions_unshifted_and_keeps_empty(tiny_pipe):
+    """One authors epoch by hand: c' = M c on all 77 positions of the erased prompt (eq. 8, M from the UCE
+    checkpoint), paired i with i with the target's 77 positions, '' preserved at all 77 positions at scale
+    0.1, lambda 0.1, W_old = the UCE checkpoint's weights (eq. 3 via uce_closed_form)."""
+    req = EraseRequest(["triangle"], anchor="circle")
+    edit = erasekit.erase(tiny_pipe, req, method="rece", epochs=1, progress=False)
+    assert edit.trace["preserve_prompts"] == {"uce": [""], "epochs": [""]} and edit.trace["uce_preserve_scale"] == 1.0
+    ck0 = rece_checkpoint(tiny_pipe, edit, 0)
+    w_orig = kv_weights(tiny_pipe.unet)
+    names = list(w_orig)
+    m = derivation_matrix([w_orig[k] for k in names], [ck0.tensors[k] for k in names], 0.1)
+    emb = encode_prompts(tiny_pipe, ["triangle", "circle", ""]).double()
+    c_der = emb[0] @ m.T  # (77, D)
+    torch.testing.assert_close(edit.aux[DERIVED_KEY][0, 0].double(), c_der, rtol=1e-5, atol=1e-5)
+    for k in names:
+        ref = uce_closed_form(ck0.tensors[k].double(), c_der, emb[1], emb[2], erase_scale=1.0, preserve_scale=0.1, lamb=0.1)
+        torch.testing.assert_close(edit.tensors[k].double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_select_epoch_keeps_the_best_validation_score_earliest_on_ties(tiny_pipe):
+    edit = erasekit.erase(tiny_pipe, EraseRequest(["star"]), method="rece", epochs=3, progress=False)
+    table = {0: 0.2, 1: 0.9, 2: 0.9, 3: 0.5}
+    seen = []
+
+    def score(ck):
+        seen.append(ck.config["epochs"])
+        return table[ck.config["epochs"]]
+
+    best, scores = select_epoch(tiny_pipe, edit, score)
+    assert seen == [0, 1, 2, 3] and scores == [0.2, 0.9, 0.9, 0.5]
+    assert best.trace["selected_epoch"] == 1 and best.trace["validation_scores"] == scores
+    ref = rece_checkpoint(tiny_pipe, edit, 1)
+    assert all(torch.equal(best.tensors[k], ref.tensors[k]) for k in ref.tensors)
+    with pytest.raises(ValueError, match="rece"):
+        select_epoch(tiny_pipe, erasekit.erase(tiny_pipe, EraseRequest(["star"]), method="uce"), score)
+
+
+def test_task_presets_are_registered_and_the_table_stays_usable():
+    assert make_config("rece").uce_lamb == 0.5 and make_config("rece", "paper").uce_lamb == 0.1
+    for task, values in RECE_PRESETS.items():
+        cfg = make_config("rece", f"authors-{task}")
+        assert all(getattr(cfg, k) == v for k, v in values.items())
+        assert cfg.uce_lamb == 0.5 and cfg.derived_positions == "all"  # on top of the authors preset
+        assert RECEConfig(**values).epochs == values["epochs"]
+    assert preset_diff("rece", "authors-object") == {"epochs": 5, "lamb_derive": 1e-3}
+    assert set(preset_diff("rece", "paper")) == {
+        "uce_lamb", "uce_preserve_scale", "uce_preserve_empty", "preserve_empty", "derived_positions", "preserve_positions"
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [({"derived_positions": "last"}, "derived_positions"), ({"uce_lamb": -1.0}, "uce_lamb")],
+)
+def test_bad_authors_options(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        RECEConfig(**overrides)

@@ -31,7 +31,11 @@ EDIT_AUX = "edit_aux.safetensors"
 @dataclass(frozen=True)
 class EraseRequest:
     """What to remove (``erase``), what must survive (``preserve``), and what an erased concept
-    should look like instead (``anchor``; ``None`` means the empty prompt ``""``)."""
+    should look like instead (``anchor``; ``None`` means the empty prompt ``""``).
+
+    ``preserve`` may hold the empty prompt ``""`` (a blank or whitespace-only entry becomes ``""``):
+    the closed forms (UCE, RECE) then keep the unconditional branch of classifier-free guidance, as
+    their authors' code always does. Duplicates are dropped, order kept."""
 
     erase: list[str]
     preserve: list[str] = field(default_factory=list)
@@ -41,7 +45,7 @@ class EraseRequest:
         erase = [c.strip() for c in self.erase if c and c.strip()]
         if not erase:
             raise ValueError("`erase` is empty: name at least one concept to erase, e.g. --erase triangle.")
-        preserve = [c.strip() for c in self.preserve if c and c.strip()]
+        preserve = list(dict.fromkeys((c or "").strip() for c in self.preserve))
         both = sorted(set(erase) & set(preserve))
         if both:
             raise ValueError(f"Concepts {both} are both erased and preserved; remove them from `preserve` or `erase`.")

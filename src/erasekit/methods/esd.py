@@ -6,17 +6,37 @@ guidance away from it (ESD eq. 3 / eq. 4)::
     eps_theta'(z_t, c_e, t)  <-  eps_theta(z_t, c_0, t) - eta * (eps_theta(z_t, c_e, t) - eps_theta(z_t, c_0, t))
 
 with ``c_0`` the empty prompt (or the request's anchor, when one is given), ``theta`` the frozen
-original and ``z_t`` sampled by the frozen model with guidance ``start_guidance`` on ``c_e`` (see
+original and ``z_t`` a partial DDIM run with guidance ``start_guidance`` on ``c_e`` (see
 :mod:`erasekit.finetune`). The loss is the mean squared error (ESD's ``nn.MSELoss``).
 
 Variants by ``train_method``: ``xattn`` (ESD-x: cross-attention only, for styles and objects),
 ``noxattn`` (ESD-u: everything but cross-attention, time embedding and output layers, for nudity),
-``full``. Defaults from the paper: 1000 steps, Adam lr 1e-5, eta 1, start guidance 3, DDIM 50.
+``full``. Hyperparameters: 1000 steps, Adam lr 1e-5, eta 1, start guidance 3, DDIM 50.
+
+**Presets.** ``authors`` (the default) is the CompVis script the paper's numbers came from
+(``train-scripts/train-esd.py``, ``train_esd``): ``quick_sample_till_t`` runs the DDIM sampler of
+``model``, the model being trained, so ``zt_producer="trained"``; the frozen ``model_orig`` gives
+``e_0`` and ``e_p``, and the loss is ``MSE(e_n, e_0 - negative_guidance (e_p - e_0))`` with
+``negative_guidance`` 1, i.e. our ``eta`` 1. ``paper`` is eq. 4 with ``z_t`` from the frozen
+original (``zt_producer="exact"``, the latent distribution the target's model defines; the
+equations fix the target's model, not the sampler). One departure of the CompVis script is not
+reproduced by either preset: it evaluates the latent after ``i`` of 50 DDIM steps at a DDPM
+timestep drawn from ``[i/50*1000, (i+1)/50*1000)``, which does not match the latent's noise level;
+:mod:`erasekit.finetune` uses the latent's own timestep (as the diffusers ports do).
+
+**eta of the diffusers versions.** ``esd_diffusers.py`` (defaults 200 iterations, lr 2e-5,
+``negative_guidance`` 1) builds ``target - ng (positive - neutral)`` where ``target`` is the
+neutral prediction when erasing a concept from itself: our eq. 4 with ``eta = ng``, trained-model
+sampler (``with finetuner:``). The newer ``esd_sd.py`` (200 iterations, lr 5e-5,
+``negative_guidance`` 2, frozen ``base_unet`` sampler) builds
+``eps(c_e) - ng (eps(c_e) - eps(c_0)) = eps(c_0) - (ng - 1) (eps(c_e) - eps(c_0))``: its ``ng = 2``
+is our ``eta = 1``, and in general ``eta = ng - 1``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +48,16 @@ from erasekit.methods.base import register
 
 @dataclass
 class ESDConfig(FinetuneConfig):
-    """ESD hyperparameters; the defaults are the paper's (1000 steps, lr 1e-5, eta 1, start guidance 3)."""
+    """ESD hyperparameters; the defaults are the ``authors`` preset (CompVis train-esd.py: 1000 steps, lr 1e-5,
+    eta 1, start guidance 3, z_t from the model being trained)."""
 
+    zt_producer: Literal["exact", "trained"] = field(
+        default="trained",
+        metadata={
+            "help": "how z_t is produced: trained (the model being trained, CompVis ESD; authors) or exact "
+            "(a DDIM run of the frozen original; paper)"
+        },
+    )
     eta: float = field(default=1.0, metadata={"help": "negative guidance scale eta of the training target (ESD eq. 4)"})
 
     def __post_init__(self) -> None:
@@ -71,15 +99,21 @@ class ESDLoss(LossFunction):
     ESDConfig,
     "Erased Stable Diffusion: fine-tune towards negative guidance (ESD-x / ESD-u / full)",
     presets={
-        "paper": ("ESD paper, Algorithm 1", {}),
-        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
+        "paper": ("ESD eq. 4 with z_t from the frozen original (zt_producer='exact')", {"zt_producer": "exact"}),
+        "authors": (
+            "CompVis train-esd.py: z_t sampled by the model being trained; the default: the paper's numbers came from it",
+            {},
+        ),
     },
-    default_preset="paper",
+    default_preset="authors",
 )
 def erase_esd(
     pipe, request: EraseRequest, config: ESDConfig, *, generator: torch.Generator | None = None, progress: bool = True
 ) -> Edit:
-    """Erase ``request.erase`` with ESD (Gandikota et al. 2023, eq. 4); the pipeline is left unchanged."""
+    """Erase ``request.erase`` with ESD (Gandikota et al. 2023, eq. 4); the pipeline is left unchanged.
+
+    The ``authors`` preset (the default) departs from the paper's equations only in the sampler of
+    ``z_t`` (the model being trained, as the CompVis script; module docstring)."""
     result = finetune(
         pipe, request, config, ESDLoss(config, request.target), method="esd", generator=generator, progress=progress
     )

@@ -27,6 +27,11 @@ text encoder then runs as usual, so the conditioning is an ordinary (77, D) ``pr
 ``key.safetensors`` + ``key.json``) and records the edit's digest and the base model's fingerprint;
 loading it for another edit or base model is refused. :meth:`RecoveryKey.prompt_embeds` turns a key
 and prompts into ``prompt_embeds`` for :func:`erasekit.eval.generate.generate_images`.
+
+**Presets.** ``paper`` (the default) is eqs. 15-16 as the slides print them, with the fine-tuning
+defaults of ESD/AP (1000 steps, Adam lr 1e-5, ``z_t`` from the frozen original). No public code of
+the hiding paper exists as far as the seeds and the authors' public repositories show
+(tuananhbui89/*: AP, AGE and others, none for hiding), so ``authors`` equals ``paper`` and says so.
 """
 
 from __future__ import annotations
@@ -328,8 +333,12 @@ def hide(
     HideConfig,
     "Knowledge hiding: erase behind a secret learnable prompt that recovers it (slides eq. 15)",
     presets={
-        "paper": ("slides eqs. 15-16", {}),
-        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
+        "paper": ("slides eqs. 15-16 (Bui et al., ICLR 2025 Delta workshop)", {}),
+        "authors": (
+            "equal to paper: no public code of the hiding paper was found (seeds, the authors' repositories), "
+            "so there is nothing to depart from",
+            {},
+        ),
     },
     default_preset="paper",
 )

@@ -18,11 +18,16 @@ reproduces the original model's keys and values for ``c`` as closely as a single
 **Which token embeddings.** Eq. 8 is one linear map ``M`` applied to each token embedding
 independently, so we derive ``c' = M c`` for all 77 positions of each erased prompt (the authors'
 code does the same); that full (77, D) embedding is what :func:`derived_prompt_embeds` returns for
-generation (the paper's Fig. 5). We *erase* the derived embeddings at exactly the positions the
-UCE step erased: from the prompt's last word token to the end of the padded sequence, aligned
-position by position with the target prompt (:func:`erasekit.methods.uce.aligned_token_embeddings`),
-with the same targets ``c*``. (The authors' code erases all 77 positions, the start token included;
-the start token carries no concept under CLIP's causal attention, so we keep UCE's slice.)
+generation (the paper's Fig. 5). Which of those positions are *erased*, paired with which target
+positions, is ``derived_positions``:
+
+- ``"all"`` (``authors``): all 77 derived positions, position ``i`` with position ``i`` of the
+  target prompt (RECE's ``train.py`` / ``edit_model_adversarial``: the adversarial embedding and
+  the target's full embedding, start token included, unshifted);
+- ``"from_last_word"`` (``paper``): the positions the UCE step erased, from the prompt's last word
+  token to the end, aligned with the target from *its* last word
+  (:func:`erasekit.methods.uce.aligned_token_embeddings`). The paper does not say; this keeps
+  UCE's slice.
 
 **W_old at each epoch.** In eq. 3 of epoch ``t`` the weights being edited (``W^old`` of eq. 3,
 which also produces the targets ``W^old c*`` and the preserved outputs) are the CURRENT weights:
@@ -31,15 +36,27 @@ last epoch, and the authors' code edits the live model in place. The derivation 
 contrast, always compares against the ORIGINAL weights. Each epoch erases only that epoch's derived
 embeddings (Algorithm 1, lines 9-15); the original concept was erased by the UCE step.
 
-**Preservation.** Every epoch preserves ``request.preserve`` and, when ``preserve_empty`` is set,
-the empty prompt "" at all 77 positions (the authors' code always passes '' or ' ' among its
-retained texts; it keeps the unconditional branch of classifier-free guidance intact).
+**The UCE step and the epochs have their own eq. 3 settings.** ``lamb`` / ``preserve_scale`` /
+``preserve_empty`` weight every derive-erase epoch; ``uce_lamb`` / ``uce_preserve_scale`` /
+``uce_preserve_empty`` weight the preliminary UCE step. The paper sets lambda_1 = lambda_2 = 0.1
+everywhere (section 4, "following the implementation in [UCE]") and preserves only ``P``. The
+authors' ``train.py`` instead starts from a UCE checkpoint made by UCE's own script
+(``erased-...-preserve_false-...-1-1.0.pt``: lambda 0.5, ``""`` retained at preserve scale
+``max(0.1, 1/#retained)`` = 1.0) and retains ``""`` in every epoch at scale 0.1
+(``retain_texts = [''] + preserve_concepts`` in ``train_object.py``/``train_artists.py``; one
+``' '`` per erased concept in ``train.py``). Preserved prompts enter at ``preserve_positions``
+(``"all"`` 77 positions in the authors' code).
 
-**Defaults.** lambda_1 = lambda_2 = 0.1 for eq. 3 (RECE section 4, following TIME), erase scale 1;
-lambda = 0.1 and 3 epochs for unsafe content. The paper runs 5 epochs for nudity but keeps the
-checkpoint after epoch 2 (Fig. 5), and the authors' code uses 2-3; for art styles the paper uses
-10 epochs with lambda = 1e-3 while the code uses 1 epoch; the code's object script uses 5 epochs
-with lambda = 1e-3. See :data:`RECE_PRESETS`.
+**Presets.** ``authors`` (the default; RECE's reported numbers came from its code) and ``paper``
+as above; ``authors-unsafe`` / ``authors-art`` / ``authors-object`` are ``authors`` with the task
+settings of :data:`RECE_PRESETS` (epochs and eq. 7's lambda; ``RECE_PRESETS`` stays usable as
+keyword overrides). The paper runs 5 epochs for unsafe content with lambda 0.1 and keeps the
+checkpoint after epoch 2 (Fig. 5), and 10 epochs with lambda 1e-3 for art; the stored authors'
+scripts default to 10 epochs (``train.py``, ``train_artists.py``) and 5 (``train_object.py``, lambda
+1e-3) and keep the best epoch by a validation rate (``train.py``: the lowest nudity rate over the UCE
+checkpoint and every epoch). Keeping methods free of evaluation, every epoch's checkpoint is
+recomputable from the edit (:func:`rece_checkpoint`) and :func:`select_epoch` picks one by a
+validation score the caller supplies (e.g. ESR-1 on validation seeds, ``bench/rece_authors.py``).
 
 Example::
 
@@ -51,7 +68,7 @@ Example::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -61,32 +78,71 @@ from tqdm.auto import tqdm
 
 from erasekit.edit import Edit, EraseRequest, get_parameter
 from erasekit.methods.base import register
-from erasekit.methods.uce import UCEConfig, aligned_token_embeddings, closed_form_edit, uce_prompts
+from erasekit.methods.uce import (
+    Positions,
+    UCEConfig,
+    aligned_token_embeddings,
+    check_positions,
+    closed_form_edit,
+    preserve_embeddings,
+    uce_prompts,
+)
 from erasekit.pipeline import base_info, cross_attention_modules, encode_prompts
 
 DERIVED_KEY = "rece.derived"
 
-# Task presets (override the defaults with ``erasekit.erase(..., method="rece", **RECE_PRESETS[task])``).
+# Task settings (epochs, lambda of eq. 7), usable as keyword overrides
+# (``erasekit.erase(..., method="rece", **RECE_PRESETS[task])``) and registered as presets
+# ``authors-<task>`` (the authors preset plus these values).
 RECE_PRESETS: dict[str, dict[str, float | int]] = {
     "unsafe": {"epochs": 3, "lamb_derive": 0.1},  # paper: lambda 0.1, checkpoint after epoch 2
-    "art": {"epochs": 1, "lamb_derive": 1e-3},  # authors' code; the paper reports 10 epochs
-    "object": {"epochs": 5, "lamb_derive": 1e-3},  # authors' train_object.py defaults
+    "art": {"epochs": 1, "lamb_derive": 1e-3},  # seeds' reading of the authors' runs; the paper reports 10 epochs
+    "object": {"epochs": 5, "lamb_derive": 1e-3},  # train_object.py defaults (--epochs 5, --regular_scale 1e-3)
+}
+# What the paper preset changes from the (authors) defaults.
+PAPER_VALUES: dict[str, object] = {
+    "uce_lamb": 0.1,
+    "uce_preserve_scale": 0.1,
+    "uce_preserve_empty": False,
+    "preserve_empty": False,
+    "derived_positions": "from_last_word",
+    "preserve_positions": "from_last_word",
 }
 
 
 @dataclass
 class RECEConfig:
-    """RECE hyperparameters (RECE paper section 4 and Algorithm 1; presets in :data:`RECE_PRESETS`)."""
+    """RECE hyperparameters; the defaults are the ``authors`` preset (module docstring; task presets in
+    :data:`RECE_PRESETS`)."""
 
     epochs: int = field(default=3, metadata={"help": "T: derive-and-erase rounds after the UCE step (>= 1)"})
     lamb_derive: float = field(
         default=0.1, metadata={"help": "lambda of eq. 7: pulls the derived embedding to 0 (0.1 unsafe, 1e-3 art)"}
     )
-    erase_scale: float = field(default=1.0, metadata={"help": "weight of the erase terms of eq. 3"})
-    preserve_scale: float = field(default=0.1, metadata={"help": "lambda_1 of eq. 2/3: weight of the preserve terms"})
-    lamb: float = field(default=0.1, metadata={"help": "lambda_2 of eq. 2/3: weight of ||W - W_old||_F^2"})
+    erase_scale: float = field(default=1.0, metadata={"help": "weight of the erase terms of eq. 3 (UCE step and epochs)"})
+    preserve_scale: float = field(
+        default=0.1, metadata={"help": "lambda_1 of eq. 2/3 in the epochs: weight of the preserve terms"}
+    )
+    lamb: float = field(default=0.1, metadata={"help": "lambda_2 of eq. 2/3 in the epochs: weight of ||W - W_old||_F^2"})
+    uce_lamb: float = field(
+        default=0.5, metadata={"help": "lambda_2 of the UCE step (authors: UCE's 0.5; paper: 0.1)"}
+    )
+    uce_preserve_scale: float | None = field(
+        default=None,
+        metadata={"help": "lambda_1 of the UCE step; None: UCE's code's max(0.1, 1/#retained) (paper: 0.1)"},
+    )
+    uce_preserve_empty: bool = field(
+        default=True, metadata={"help": "preserve the empty prompt in the UCE step (as UCE's code does)"}
+    )
     preserve_empty: bool = field(
-        default=True, metadata={"help": "also preserve the empty prompt in every epoch (as the authors' code does)"}
+        default=True, metadata={"help": "preserve the empty prompt in every epoch (as RECE's code does)"}
+    )
+    derived_positions: Positions = field(
+        default="all",
+        metadata={"help": "positions of the derived embeddings erased: all 77, i with i (authors) or from_last_word"},
+    )
+    preserve_positions: Positions = field(
+        default="all", metadata={"help": "positions of the preserved prompts: all 77 (authors) or from_last_word"}
     )
     templates: list[str] = field(
         default_factory=lambda: ["{}"],
@@ -103,15 +159,35 @@ class RECEConfig:
             )
         if self.lamb_derive < 0:
             raise ValueError(f"RECE `lamb_derive` (lambda of eq. 7) must be >= 0, got {self.lamb_derive}.")
+        if self.uce_lamb < 0 or (self.uce_preserve_scale is not None and self.uce_preserve_scale < 0):
+            raise ValueError("RECE `uce_lamb` and `uce_preserve_scale` must be >= 0 (`uce_preserve_scale` may be None).")
+        check_positions("derived_positions", self.derived_positions)
         self.projections = tuple(self.projections)
         self.uce_config()  # validates the eq. 3 settings with UCE's own checks
+        self.epoch_config()
 
     def uce_config(self) -> UCEConfig:
-        """The eq. 3 settings as a :class:`UCEConfig` (used for the UCE step and every epoch)."""
+        """The eq. 3 settings of the preliminary UCE step (Algorithm 1, line 6)."""
+        return UCEConfig(
+            erase_scale=self.erase_scale,
+            preserve_scale=self.uce_preserve_scale,
+            lamb=self.uce_lamb,
+            preserve_empty=self.uce_preserve_empty,
+            erase_positions="from_last_word",
+            preserve_positions=self.preserve_positions,
+            templates=list(self.templates),
+            projections=self.projections,
+        )
+
+    def epoch_config(self) -> UCEConfig:
+        """The eq. 3 settings of every derive-erase epoch (Algorithm 1, lines 14-16)."""
         return UCEConfig(
             erase_scale=self.erase_scale,
             preserve_scale=self.preserve_scale,
             lamb=self.lamb,
+            preserve_empty=self.preserve_empty,
+            erase_positions=self.derived_positions,
+            preserve_positions=self.preserve_positions,
             templates=list(self.templates),
             projections=self.projections,
         )
@@ -192,24 +268,23 @@ def kv_residual(
 def _run(pipe, request: EraseRequest, config: RECEConfig, epochs: int, progress: bool) -> Edit:
     """Algorithm 1 with ``epochs`` derive-erase rounds (0 = the UCE step alone)."""
     t0 = time.perf_counter()
-    uce_cfg = config.uce_config()
+    uce_cfg, epoch_cfg = config.uce_config(), config.epoch_config()
     # 1. Text embeddings of E and P (Algorithm 1, line 3) and the original K/V (line 4).
-    erased, targets, preserved = uce_prompts(request, uce_cfg)
-    c_in, c_tgt = aligned_token_embeddings(pipe, erased, targets)
-    if preserved:
-        c_pres, _ = aligned_token_embeddings(pipe, preserved, preserved)
-    else:
-        c_pres = c_in.new_zeros((0, c_in.shape[1]))
-    c_pres_epoch = c_pres
-    if config.preserve_empty:
-        c_empty, _ = aligned_token_embeddings(pipe, [""], [""])
-        c_pres_epoch = torch.cat([c_pres, c_empty])
+    erased, targets, preserved_uce = uce_prompts(request, uce_cfg)
+    _, _, preserved_epoch = uce_prompts(request, epoch_cfg)
+    c_in, c_tgt = aligned_token_embeddings(pipe, erased, targets)  # the UCE step's from-last-word pairs
+    d = c_in.shape[1]
+    c_pres_uce = preserve_embeddings(pipe, preserved_uce, config.preserve_positions, d)
+    c_pres_epoch = preserve_embeddings(pipe, preserved_epoch, config.preserve_positions, d)
+    uce_scale = uce_cfg.resolved_preserve_scale(len(preserved_uce))
     full = encode_prompts(pipe, erased).float()  # (n, 77, D): the erased prompts, all positions
+    # the positions of each epoch's erase pairs: the source rows c (mapped to c' = M c) and the targets c*
+    c_src, c_der_tgt = aligned_token_embeddings(pipe, erased, targets, config.derived_positions)
     w_orig = kv_weights(pipe.unet)
     names = list(w_orig)
 
     # 2. Preliminary erasing with UCE (line 6).
-    current: dict[str, torch.Tensor] = closed_form_edit(pipe, c_in, c_tgt, c_pres, uce_cfg)
+    current: dict[str, torch.Tensor] = closed_form_edit(pipe, c_in, c_tgt, c_pres_uce, uce_cfg, preserve_scale=uce_scale)
     t_uce = time.perf_counter() - t0
 
     def now() -> dict[str, torch.Tensor]:
@@ -222,19 +297,19 @@ def _run(pipe, request: EraseRequest, config: RECEConfig, epochs: int, progress:
         m = derivation_matrix([w_orig[k] for k in names], [w_now[k] for k in names], config.lamb_derive)
         m = m.to(device=full.device)
         derived.append((full.double() @ m.T).float())  # (n, 77, D)
-        c_der = (c_in.double() @ m.T).float()  # the same map on the positions UCE erased
+        c_der = (c_src.double() @ m.T).float()  # the same map on the positions this epoch erases
         log.append(
             {
                 "epoch": epoch,
                 "erased": epoch < epochs,
-                "residual_derived": kv_residual(w_orig, w_now, c_in, c_der),
-                "residual_concept": kv_residual(w_orig, w_now, c_in, c_in),
-                "derived_norm_ratio": float(c_der.norm() / c_in.norm().clamp_min(1e-30)),
+                "residual_derived": kv_residual(w_orig, w_now, c_src, c_der),
+                "residual_concept": kv_residual(w_orig, w_now, c_src, c_src),
+                "derived_norm_ratio": float(c_der.norm() / c_src.norm().clamp_min(1e-30)),
             }
         )
         if epoch == epochs:
             break
-        current = {**current, **closed_form_edit(pipe, c_der, c_tgt, c_pres_epoch, uce_cfg, weights=current)}
+        current = {**current, **closed_form_edit(pipe, c_der, c_der_tgt, c_pres_epoch, epoch_cfg, weights=current)}
 
     seconds = time.perf_counter() - t0
     return Edit(
@@ -246,7 +321,8 @@ def _run(pipe, request: EraseRequest, config: RECEConfig, epochs: int, progress:
         trace={
             "erase_prompts": erased,
             "target_prompts": targets,
-            "preserve_prompts": preserved,
+            "preserve_prompts": {"uce": preserved_uce, "epochs": preserved_epoch},
+            "uce_preserve_scale": uce_scale,
             "derived": {
                 "aux_key": DERIVED_KEY,
                 "shape": "(epochs + 1, n_erase_prompts, 77, D)",
@@ -260,19 +336,37 @@ def _run(pipe, request: EraseRequest, config: RECEConfig, epochs: int, progress:
     )
 
 
+def _presets() -> dict[str, tuple[str, dict]]:
+    table = {
+        "paper": (
+            "RECE paper section 4 / Algorithm 1: lambda_1 = lambda_2 = 0.1 in the UCE step too, only P preserved, "
+            "UCE's from-last-word slice for the derived embeddings",
+            dict(PAPER_VALUES),
+        ),
+        "authors": (
+            "RECE's code: the UCE step as UCE's script (lambda 0.5, '' at scale max(0.1, 1/#retained)), '' kept in "
+            "every epoch, all 77 derived positions paired unshifted; the default: the paper's numbers came from it",
+            {},
+        ),
+    }
+    for task, values in RECE_PRESETS.items():
+        table[f"authors-{task}"] = (f"authors, with the {task} settings {values}", dict(values))
+    return table
+
+
 @register(
     "rece",
     RECEConfig,
     "RECE: UCE, then derive (eq. 8) and erase the embeddings that still regenerate the concept",
-    presets={
-        "paper": ("RECE paper, Algorithm 1", {}),
-        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
-    },
-    default_preset="paper",
+    presets=_presets(),
+    default_preset="authors",
 )
 @torch.no_grad()
 def erase_rece(pipe, request: EraseRequest, config: RECEConfig, *, generator=None, progress: bool = True) -> Edit:
     """Erase ``request.erase`` with RECE (Algorithm 1; eqs. 3 and 8); the pipeline is left unchanged.
+
+    The ``authors`` preset (the default) departs from the paper in the UCE step's lambda and preserve
+    scale, in keeping ``""`` and in the erased token positions (module docstring, with the reasons).
 
     Closed form throughout, so ``generator`` is unused and the result is deterministic. The edit
     keeps every epoch's derived embeddings in ``edit.aux`` (see :func:`derived_prompt_embeds`).
@@ -342,6 +436,31 @@ def rece_checkpoint(pipe, edit: Edit, epoch: int, *, progress: bool = False) -> 
             "edit applied), or the edit was made by another erasekit version."
         )
     return replace(out, trace={**out.trace, "checkpoint_of": {"epochs": total, "created": edit.created}})
+
+
+def select_epoch(
+    pipe, edit: Edit, score: Callable[[Edit], float], *, progress: bool = False
+) -> tuple[Edit, list[float]]:
+    """The checkpoint of ``edit`` with the highest validation ``score``, and every epoch's score.
+
+    The authors' ``train.py`` validates the UCE checkpoint and the model after every epoch on a
+    held-out prompt set and keeps the one with the lowest detection rate of the erased concept (the
+    paper picks "the checkpoint after epoch 2" from its Fig. 5 the same way). Methods do not evaluate,
+    so the caller passes ``score(checkpoint) -> float`` (higher is better, e.g. ESR-1 of a validation
+    prompt set with the protocols' detector; ``bench/rece_authors.py`` builds one). Epochs 0 (the UCE
+    step) to ``epochs`` are scored with :func:`rece_checkpoint`; ties go to the earliest epoch (fewest
+    edits). Unlike ``train.py`` the unedited model is not a candidate: an erasure is always returned.
+    The chosen edit's trace records ``selected_epoch`` and ``validation_scores``.
+    """
+    table = _check_rece(edit)
+    scores, checkpoints = [], []
+    for t in range(table.shape[0]):
+        ck = rece_checkpoint(pipe, edit, t, progress=progress)
+        checkpoints.append(ck)
+        scores.append(float(score(ck)))
+    best = max(range(len(scores)), key=lambda t: (scores[t], -t))
+    chosen = checkpoints[best]
+    return replace(chosen, trace={**chosen.trace, "selected_epoch": best, "validation_scores": scores}), scores
 
 
 @torch.no_grad()

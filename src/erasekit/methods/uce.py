@@ -1,4 +1,4 @@
-"""UCE: Unified Concept Editing (Gandikota et al., 2024), the closed-form cross-attention edit.
+"""UCE: Unified Concept Editing (Gandikota et al., WACV 2024), the closed-form cross-attention edit.
 
 For every cross-attention key/value projection ``W_old`` (``attn2.to_k`` / ``attn2.to_v``), UCE
 solves (RECE paper, eq. 2, with the erase term written as UCE's paper has it)::
@@ -14,14 +14,37 @@ Note: the RECE paper prints the first term of the left factor as ``c_i* c_i*^T``
 its own objective (and UCE's paper and code) has ``c_i* c_i^T``. We implement the minimiser, and
 ``tests/test_uce.py`` checks it against ``torch.linalg.lstsq``.
 
-The vectors ``c`` are text-encoder outputs at the token positions UCE's code uses: from a prompt's
-last word token to the end of the padded sequence (the end-of-text tokens carry most of a
-concept), aligned position by position between an erased prompt and its target prompt.
+**Token positions.** The vectors ``c`` are text-encoder outputs (one per token position). Erased
+prompts pair with their targets position by position, ``erase_positions``:
+
+- ``"from_last_word"``: from each prompt's last word token to the end of the padded sequence, cut
+  to equal length (position ``k`` of the source after its last word pairs with position ``k`` of
+  the target after *its* last word; the end-of-text tokens carry most of a concept). This is what
+  UCE's code does for the erase term (``train-scripts/train_erase.py``, ``edit_model``: the
+  ``final_token_idx`` slices) and what both presets use.
+- ``"all"``: all 77 positions, position ``i`` with position ``i`` (start token included; what the
+  RECE code does for its derived embeddings, see :mod:`erasekit.methods.rece`).
+
+Preserved prompts use ``preserve_positions``: ``"from_last_word"`` (the same slice) or ``"all"``
+(all 77 positions, as UCE's code feeds its retained texts). For the empty prompt ``""`` the two
+coincide (its last word token is the start token).
+
+**Presets** (``erasekit methods``). ``authors`` (the default) is UCE's paper-era public code,
+``train_erase.py`` (commit bd5fb51): the empty prompt ``""`` is always retained
+(``retain_texts = [''] + preserve_concepts``), retained texts enter at all 77 positions, lambda
+0.5, erase scale 1 and, unless given, preserve scale ``max(0.1, 1 / (1 + |P|))`` (1.0 when only
+``""`` is retained). It is the default because the UCE paper's numbers were produced by that code.
+``paper`` is the objective above as printed, with nothing preserved but ``P``, the
+``from_last_word`` slice for preserved prompts too and preserve scale 1. Where the code's target
+is ``""`` it substitutes ``" "``; CLIP's tokenizer strips whitespace, so the two are the same
+tokens and no option is needed. The code's ``technique="tensor"`` (an alternative target, not its
+default) is not implemented.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 
@@ -29,14 +52,42 @@ from erasekit.edit import Edit, EraseRequest
 from erasekit.methods.base import register
 from erasekit.pipeline import base_info, cross_attention_modules, encode_prompts, last_token_index
 
+POSITIONS = ("from_last_word", "all")
+Positions = Literal["from_last_word", "all"]
+
+
+def authors_preserve_scale(n_retained: int) -> float:
+    """UCE's code's default preserve scale, ``max(0.1, 1 / n_retained)`` (``train_erase.py``; ``n_retained``
+    counts the retained texts, ``""`` included)."""
+    return max(0.1, 1.0 / max(n_retained, 1))
+
+
+def check_positions(name: str, value: str) -> None:
+    """Refuse a token-position mode other than ``"from_last_word"`` / ``"all"``, naming the option."""
+    if value not in POSITIONS:
+        raise ValueError(f"`{name}` must be one of {', '.join(POSITIONS)}, got {value!r}.")
+
 
 @dataclass
 class UCEConfig:
-    """UCE hyperparameters (defaults of the authors' code: erase scale 1, preserve scale 1, lambda 0.5)."""
+    """UCE hyperparameters; the defaults are the ``authors`` preset (UCE's paper-era code, see the module docstring)."""
 
     erase_scale: float = field(default=1.0, metadata={"help": "weight s_e of the erase terms"})
-    preserve_scale: float = field(default=1.0, metadata={"help": "lambda_1 / s_p: weight of the preserve terms"})
+    preserve_scale: float | None = field(
+        default=None,
+        metadata={"help": "lambda_1 / s_p: weight of the preserve terms; None: the authors' max(0.1, 1/#retained)"},
+    )
     lamb: float = field(default=0.5, metadata={"help": "lambda_2: weight of ||W - W_old||_F^2"})
+    preserve_empty: bool = field(
+        default=True, metadata={"help": "also preserve the empty prompt '' (UCE's code always retains it)"}
+    )
+    erase_positions: Positions = field(
+        default="from_last_word",
+        metadata={"help": "token positions of the erase pairs: from_last_word (UCE's code) or all (i with i)"},
+    )
+    preserve_positions: Positions = field(
+        default="all", metadata={"help": "token positions of preserved prompts: all (UCE's code) or from_last_word"}
+    )
     templates: list[str] = field(
         default_factory=lambda: ["{}"],
         metadata={"help": "prompt templates each concept is expanded with, e.g. ['{}', 'a picture of a {}']"},
@@ -46,14 +97,20 @@ class UCEConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.lamb < 0 or self.erase_scale < 0 or self.preserve_scale < 0:
-            raise ValueError("UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0.")
+        if self.lamb < 0 or self.erase_scale < 0 or (self.preserve_scale is not None and self.preserve_scale < 0):
+            raise ValueError("UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0 (`preserve_scale` may be None).")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError(f"UCE `templates` must be non-empty and each contain '{{}}', got {self.templates}.")
         bad = set(self.projections) - {"to_k", "to_v"}
         if bad or not self.projections:
             raise ValueError(f"UCE `projections` must be a subset of ('to_k', 'to_v'), got {self.projections}.")
+        check_positions("erase_positions", self.erase_positions)
+        check_positions("preserve_positions", self.preserve_positions)
         self.projections = tuple(self.projections)
+
+    def resolved_preserve_scale(self, n_retained: int) -> float:
+        """``preserve_scale``, or the authors' rule for ``n_retained`` retained prompts when it is None."""
+        return authors_preserve_scale(n_retained) if self.preserve_scale is None else float(self.preserve_scale)
 
 
 def uce_closed_form(
@@ -87,11 +144,21 @@ def expand(concepts: list[str], templates: list[str]) -> list[str]:
     return [" ".join(t.format(c).split()) for c in concepts for t in templates]
 
 
-def aligned_token_embeddings(pipe, sources: list[str], targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token embeddings of ``sources`` and ``targets`` from each one's last word token to the end,
-    cut to equal length so position k of a source pairs with position k of its target: (n, d) each."""
+def aligned_token_embeddings(
+    pipe, sources: list[str], targets: list[str], positions: Positions = "from_last_word"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings of ``sources`` and ``targets`` paired position by position: (n, d) each.
+
+    ``positions="from_last_word"`` (UCE's code, the module docstring): from each one's last word token
+    to the end, cut to equal length. ``"all"``: all 77 positions of each prompt, ``i`` with ``i``.
+    """
+    check_positions("positions", positions)
+    if len(sources) != len(targets):
+        raise ValueError(f"`sources` and `targets` must pair up, got {len(sources)} and {len(targets)} prompts.")
     emb_s = encode_prompts(pipe, sources)
     emb_t = encode_prompts(pipe, targets)
+    if positions == "all":
+        return emb_s.reshape(-1, emb_s.shape[-1]).float(), emb_t.reshape(-1, emb_t.shape[-1]).float()
     idx_s, idx_t = last_token_index(pipe, sources), last_token_index(pipe, targets)
     length = emb_s.shape[1]
     xs, ys = [], []
@@ -102,6 +169,13 @@ def aligned_token_embeddings(pipe, sources: list[str], targets: list[str]) -> tu
     return torch.cat(xs).float(), torch.cat(ys).float()
 
 
+def preserve_embeddings(pipe, prompts: list[str], positions: Positions, dim: int) -> torch.Tensor:
+    """The preserved vectors ``c_j`` of ``prompts`` at ``positions`` (see :func:`aligned_token_embeddings`): (m, dim)."""
+    if not prompts:
+        return torch.zeros((0, dim))
+    return aligned_token_embeddings(pipe, prompts, prompts, positions)[0]
+
+
 def closed_form_edit(
     pipe,
     erase_in: torch.Tensor,
@@ -109,10 +183,16 @@ def closed_form_edit(
     preserve: torch.Tensor,
     config: UCEConfig,
     weights: dict[str, torch.Tensor] | None = None,
+    *,
+    preserve_scale: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Apply :func:`uce_closed_form` to every cross-attention projection of ``pipe``'s current
     weights (or, for a name in ``weights``, to that tensor instead: RECE edits its own running
-    copy); returns the new tensors by parameter name."""
+    copy); returns the new tensors by parameter name. ``preserve_scale`` (default: the config's,
+    which must then be a number) weights the preserve terms."""
+    scale = config.preserve_scale if preserve_scale is None else preserve_scale
+    if scale is None:
+        raise ValueError("`preserve_scale` is None (the authors' rule): resolve it with config.resolved_preserve_scale(n).")
     out: dict[str, torch.Tensor] = {}
     for mod_name, attn in cross_attention_modules(pipe.unet).items():
         for proj in config.projections:
@@ -124,18 +204,27 @@ def closed_form_edit(
                 erase_target.to(w_old.device),
                 preserve.to(w_old.device),
                 erase_scale=config.erase_scale,
-                preserve_scale=config.preserve_scale,
+                preserve_scale=scale,
                 lamb=config.lamb,
             )
             out[name] = w_new
     return out
 
 
-def uce_prompts(request: EraseRequest, config: UCEConfig) -> tuple[list[str], list[str], list[str]]:
-    """(erased prompts, their target prompts, preserved prompts) after template expansion."""
+def uce_prompts(
+    request: EraseRequest, config: UCEConfig, *, preserve_empty: bool | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """(erased prompts, their target prompts, preserved prompts) after template expansion.
+
+    The empty prompt is never template-expanded: a ``""`` in ``request.preserve`` is kept as ``""``,
+    and ``preserve_empty`` (default: ``config.preserve_empty``, when the config has it) adds it once.
+    """
     erased = expand(request.erase, config.templates)
     targets = [" ".join(t.format(request.target).split()) for _ in request.erase for t in config.templates]
-    preserved = expand(request.preserve, config.templates)
+    preserved = expand([c for c in request.preserve if c], config.templates)
+    keep_empty = getattr(config, "preserve_empty", False) if preserve_empty is None else preserve_empty
+    if "" in request.preserve or keep_empty:
+        preserved = ["", *preserved]
     return erased, targets, preserved
 
 
@@ -144,26 +233,37 @@ def uce_prompts(request: EraseRequest, config: UCEConfig) -> tuple[list[str], li
     UCEConfig,
     "Unified Concept Editing: closed-form edit of cross-attention K/V (RECE eq. 3)",
     presets={
-        "paper": ("UCE paper / RECE eq. 3 as printed", {}),
-        "authors": ("the authors' code (its differences from the paper are not yet separate options)", {}),
+        "paper": (
+            "RECE eq. 3 as printed: preserve only P, at the from-last-word slice, preserve scale 1",
+            {"preserve_empty": False, "preserve_positions": "from_last_word", "preserve_scale": 1.0},
+        ),
+        "authors": (
+            "UCE's paper-era train_erase.py: '' always retained, retained texts at all 77 positions, lambda 0.5, "
+            "preserve scale max(0.1, 1/#retained); the default: the paper's numbers came from it",
+            {},
+        ),
     },
-    default_preset="paper",
+    default_preset="authors",
 )
 @torch.no_grad()
 def erase_uce(pipe, request: EraseRequest, config: UCEConfig, *, generator=None, progress: bool = True) -> Edit:
-    """Erase ``request.erase`` with UCE (RECE paper eq. 3); the pipeline is left unchanged."""
+    """Erase ``request.erase`` with UCE (RECE paper eq. 3; the module docstring says where the ``authors``
+    preset departs from the paper); the pipeline is left unchanged."""
     erased, targets, preserved = uce_prompts(request, config)
-    c_in, c_tgt = aligned_token_embeddings(pipe, erased, targets)
-    if preserved:
-        c_pres, _ = aligned_token_embeddings(pipe, preserved, preserved)
-    else:
-        c_pres = c_in.new_zeros((0, c_in.shape[1]))
-    tensors = closed_form_edit(pipe, c_in, c_tgt, c_pres, config)
+    c_in, c_tgt = aligned_token_embeddings(pipe, erased, targets, config.erase_positions)
+    c_pres = preserve_embeddings(pipe, preserved, config.preserve_positions, c_in.shape[1])
+    scale = config.resolved_preserve_scale(len(preserved))
+    tensors = closed_form_edit(pipe, c_in, c_tgt, c_pres, config, preserve_scale=scale)
     return Edit(
         tensors=tensors,
         method="uce",
         config=asdict(config),
         request=request,
         base=dict(base_info(pipe)),
-        trace={"erase_prompts": erased, "target_prompts": targets, "preserve_prompts": preserved},
+        trace={
+            "erase_prompts": erased,
+            "target_prompts": targets,
+            "preserve_prompts": preserved,
+            "preserve_scale": scale,
+        },
     )
