@@ -130,7 +130,9 @@ def test_resuming_with_another_producer_is_refused(tiny_pipe, tmp_path):
         tiny_pipe, EraseRequest(ERASE), method="esd", zt_producer="pooled", zt_pool_size=1, run_dir=str(run), **kw
     )
     snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match=r"zt_producer='exact'.*started with zt_producer='pooled'.*nothing was overwritten"):
+    with pytest.raises(
+        ValueError, match=r"zt_producer='exact'.*started with zt_producer='pooled'.*nothing was overwritten"
+    ):
         erasekit.erase(tiny_pipe, EraseRequest(ERASE), method="esd", run_dir=str(run), resume=True, **kw)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
 
@@ -143,7 +145,13 @@ def test_a_pool_too_large_for_memory_names_the_option_and_writes_nothing(tiny_pi
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="lower `zt_pool_size`"):
         erasekit.erase(
-            tiny_pipe, EraseRequest(ERASE), method="esd", steps=2, zt_producer="pooled", run_dir=str(run), progress=False
+            tiny_pipe,
+            EraseRequest(ERASE),
+            method="esd",
+            steps=2,
+            zt_producer="pooled",
+            run_dir=str(run),
+            progress=False,
         )
     with pytest.raises(ValueError, match="lower `zt_batch_steps`"):
         erasekit.erase(tiny_pipe, EraseRequest(ERASE), method="esd", steps=2, zt_producer="batched", progress=False)
@@ -213,4 +221,3 @@ def test_sample_zt_still_serves_the_methods(tiny_pipe):
     assert z.shape == (2, 4, 16, 16) and t.shape == (2,) and not z.is_inference()
     z2, _ = ctx.sample_zt(cond[:1], 2, step_generator(0, 1), guidance=3.0, frozen=True)
     torch.testing.assert_close(z[:1], z2, rtol=1e-5, atol=1e-5)  # untrained model: frozen and trained agree
-

@@ -163,9 +163,7 @@ def hashed_config(config: Any) -> dict[str, Any]:
     """The config fields that determine a run's result: run-control fields such as ``run_dir`` and the
     options this config does not read (``used_when`` metadata, e.g. ``zt_pool_size`` of a non-pooled
     run) are left out, so adding such an option does not change the hash of the runs that ignore it."""
-    return {
-        f.name: getattr(config, f.name) for f in fields(config) if not f.metadata.get("run") and is_read(config, f)
-    }
+    return {f.name: getattr(config, f.name) for f in fields(config) if not f.metadata.get("run") and is_read(config, f)}
 
 
 def config_hash(payload: dict[str, Any]) -> str:
@@ -275,7 +273,9 @@ class FinetuneContext:
         """
         b = cond.shape[0]
         if len(n_steps) != b or z.shape[0] != b:
-            raise ValueError(f"`n_steps` ({len(n_steps)}) and `z` ({z.shape[0]}) need one entry per row of `cond` ({b}).")
+            raise ValueError(
+                f"`n_steps` ({len(n_steps)}) and `z` ({z.shape[0]}) need one entry per row of `cond` ({b})."
+            )
         todo = torch.as_tensor(list(n_steps), dtype=torch.long)
         model = self.eps_frozen if frozen else self.eps
         uncond = self.embed([""])  # outside inference mode: the cache must hold ordinary tensors
@@ -449,7 +449,11 @@ class ZtProducer:
         """A step's erased concepts (``concepts_per_step``, distinct when there are enough) and DDIM step
         index ``i`` uniform in ``[0, ddim_steps)``, drawn from the step's generator (ESD, Algorithm 1)."""
         n, b = len(self.erase), self.config.concepts_per_step
-        idx = torch.randperm(n, generator=gen)[:b].tolist() if b <= n else torch.randint(0, n, (b,), generator=gen).tolist()
+        idx = (
+            torch.randperm(n, generator=gen)[:b].tolist()
+            if b <= n
+            else torch.randint(0, n, (b,), generator=gen).tolist()
+        )
         return [self.erase[i] for i in idx], int(torch.randint(0, self.config.ddim_steps, (1,), generator=gen))
 
 
@@ -507,9 +511,7 @@ class BatchedProducer(ZtProducer):
         rows = [d[3] for d in drawn for _ in d[2]]
         cond = self.ctx.embed(concepts_all)
         try:
-            z = self.ctx.ddim_latents(
-                cond, torch.cat([d[4] for d in drawn]), rows, guidance=self.config.start_guidance
-            )
+            z = self.ctx.ddim_latents(cond, torch.cat([d[4] for d in drawn]), rows, guidance=self.config.start_guidance)
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not _out_of_memory(e):
                 raise
@@ -565,7 +567,9 @@ class PooledProducer(ZtProducer):
         noise = self.ctx.initial_noise(size, gen)
         cond = self.ctx.embed([self.erase[i] for i in idx.tolist()])
         try:
-            traj = self.ctx.ddim_latents(cond, noise, [d - 1] * size, guidance=self.config.start_guidance, keep_all=True)
+            traj = self.ctx.ddim_latents(
+                cond, noise, [d - 1] * size, guidance=self.config.start_guidance, keep_all=True
+            )
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not _out_of_memory(e):
                 raise
