@@ -14,15 +14,28 @@ minimise at one step; the core does everything else:
    state) only, and the caller's pipeline is never written, not even temporarily.
 3. **z_t as ESD samples it** (Gandikota et al. 2023, Algorithm 1 / ``quick_sample_till_t``): draw a
    DDIM step index ``i`` uniformly in ``[0, ddim_steps)``, start from Gaussian noise and run ``i``
-   DDIM steps (eta 0) of the frozen model (or the one being trained, ``zt_producer="trained"``, as
-   ESD's script does) with classifier-free guidance ``start_guidance`` on the erased concept. The latent
-   is then evaluated at the timestep it actually has, ``timesteps[i]`` (ESD's CompVis script draws a
-   DDPM timestep from ``i / ddim_steps * 1000`` instead, which does not match the latent's noise
-   level; its diffusers port uses the matching timestep, as we do).
+   DDIM steps (eta 0) with classifier-free guidance ``start_guidance`` on the erased concept. The
+   latent is then evaluated at the timestep it actually has, ``timesteps[i]`` (ESD's CompVis script
+   draws a DDPM timestep from ``i / ddim_steps * 1000`` instead, which does not match the latent's
+   noise level; its diffusers port uses the matching timestep, as we do). A :class:`ZtProducer`
+   makes the step's concepts and z_t (``zt_producer``, recorded in the edit's config and trace):
+
+   - ``exact``: one DDIM run of the frozen original per step (the paper's sampler; the reference).
+   - ``batched``: the same draws and runs, ``zt_batch_steps`` steps at a time in one batched DDIM run;
+     the frozen model does not change, so the z_t equal ``exact``'s (to float rounding).
+   - ``pooled``: whole frozen trajectories, each of whose ``ddim_steps`` latents serves one step, in
+     an order shuffled across trajectories and concepts (:class:`PooledProducer`). Each z_t has
+     exactly ``exact``'s distribution; steps become correlated through shared trajectories. About
+     one UNet forward a step for z_t instead of ``~ddim_steps``.
+   - ``trained``: a DDIM run per step with the model being trained, as the CompVis ESD script and the
+     AP/AGE scripts sample (a departure from the papers' frozen sampler, for the ``authors`` presets).
+
+   Frozen passes that need no gradient run under :func:`torch.inference_mode`.
 4. **Determinism and exact resume.** All randomness of step ``s`` comes from a generator seeded by
    ``(seed, s)`` alone, so a run resumed from a checkpoint at step ``s`` draws exactly what the
    uninterrupted run drew. A checkpoint holds the trainable tensors, the optimizer's state, the
-   method's own state (e.g. AP's logits and their optimizer) and the step log.
+   method's own state (e.g. AP's logits and their optimizer), the producer's state (the pooled
+   producer's remaining latents) and the step log; resuming with another producer is refused.
 5. **Run directories.** ``run_dir`` gets ``run.json`` (config, its hash, request, base model),
    ``checkpoints/step-XXXXXXXX/`` every ``checkpoint_every`` steps (written to a temporary folder,
    then renamed, so a crash never leaves half a checkpoint), ``log.jsonl`` (one record per step:
@@ -223,13 +236,15 @@ class FinetuneContext:
         """eps_theta(z_t, c, t) of the original model (the caller's tensors, never trained).
 
         When gradients are on and an input requires them (AP's search differentiates through this call
-        with respect to a relaxed embedding), the call is recorded by autograd; otherwise it runs under
-        :func:`torch.inference_mode` (no graph, no version counters) and returns an ordinary tensor.
+        with respect to a relaxed embedding), the structural copy is called with the original tensors
+        swapped in (:func:`torch.func.functional_call`), so no gradient can reach the caller's parameters;
+        otherwise the caller's UNet itself is called, read-only, under :func:`torch.inference_mode` (no
+        graph, no version counters, no parameter swap) and an ordinary tensor is returned.
         """
         if torch.is_grad_enabled() and (z.requires_grad or cond.requires_grad):
             return functional_call(self.unet, self.originals, (z, t), {"encoder_hidden_states": cond}).sample
-        with torch.inference_mode():
-            out = functional_call(self.unet, self.originals, (z, t), {"encoder_hidden_states": cond}).sample
+        with torch.inference_mode():  # read-only: the caller's own UNet holds exactly the original tensors
+            out = self.pipe.unet(z, t, encoder_hidden_states=cond).sample
         return out.clone()  # an inference tensor cannot be saved for backward (ESD's loss uses it as a target)
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
