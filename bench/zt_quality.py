@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 import erasekit
 from erasekit.analysis.spectrum import edit_applied
-from erasekit.edit import EraseRequest
+from erasekit.edit import Edit, EraseRequest
 from erasekit.eval.generate import SamplingConfig
 from erasekit.eval.protocols import evaluate
 from erasekit.io import write_json_atomic
+from erasekit.pipeline import base_info
 from erasekit.world.shapes import OBJECTS
 
 SPLIT0 = ["circle", "square", "triangle", "star", "heart"]
@@ -41,19 +43,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def run_cell(pipe, row: str, producer: str, args, detector, sampling) -> dict[str, Any]:
-    """Fine-tune one row with one producer (resumable run_dir), then evaluate it on split 0."""
-    method, extra = ROWS[row]
-    kw: dict[str, Any] = dict(extra)
-    if kw.get("vocabulary") == "auto" and args.tiny:
-        kw["vocabulary"] = "shapes"
-    kw.update(steps=args.steps, lr=args.lr, ddim_steps=args.ddim_steps, seed=args.seed, zt_producer=producer)
-    run_dir = Path(args.out) / "runs" / f"{row}-{producer}"
-    t0 = time.perf_counter()
-    edit = erasekit.erase(
-        pipe, EraseRequest(SPLIT0), method=method, progress=not args.quiet, run_dir=str(run_dir), resume=True, **kw
-    )
-    seconds = time.perf_counter() - t0
+def evaluate_split0(pipe, edit, args, detector, sampling) -> dict[str, float]:
+    """ESR-1/3 and PSR-1/3 of ``edit`` on split 0 (the evaluation seeds of every cell)."""
     with edit_applied(pipe, edit):
         res = evaluate(
             pipe,
@@ -66,8 +57,56 @@ def run_cell(pipe, row: str, producer: str, args, detector, sampling) -> dict[st
             detector=detector,
             progress=not args.quiet,
         )
+    return {m: res[m] for m in ("esr_1", "esr_3", "psr_1", "psr_3")}
+
+
+def checkpoint_cell(pipe, row: str, producer: str, step: int, args, detector, sampling) -> dict[str, Any]:
+    """Evaluate the checkpoint at ``step`` of a run (a run that could not reach ``--steps`` in time is
+    compared with the other producer's run at the same step)."""
+    run_dir = Path(args.out) / "runs" / f"{row}-{producer}"
+    ck = run_dir / "checkpoints" / f"step-{step:08d}"
+    if not (ck / "state.json").exists():
+        raise SystemExit(f"{ck} does not exist (kept checkpoints: {sorted(p.name for p in ck.parent.glob('step-*'))}).")
+    weights = load_file(ck / "trainable.safetensors")
+    meta = json.loads((run_dir / "run.json").read_text())
+    log = json.loads((ck / "state.json").read_text())["log"]
+    edit = Edit(
+        tensors={f"unet.{k}": v for k, v in weights.items()},
+        method=ROWS[row][0],
+        config=meta["config_all"],
+        request=EraseRequest(SPLIT0),
+        base=base_info(pipe),
+    )
     return {
-        **{m: res[m] for m in ("esr_1", "esr_3", "psr_1", "psr_3")},
+        **evaluate_split0(pipe, edit, args, detector, sampling),
+        "checkpoint_step": step,
+        "logged_steps": len(log),
+        "config": {k: meta["config_all"][k] for k in ("steps", "lr", "ddim_steps", "seed", "zt_producer")},
+    }
+
+
+def run_cell(pipe, row: str, producer: str, args, detector, sampling) -> dict[str, Any]:
+    """Fine-tune one row with one producer (resumable run_dir), then evaluate it on split 0."""
+    method, extra = ROWS[row]
+    kw: dict[str, Any] = dict(extra)
+    if kw.get("vocabulary") == "auto" and args.tiny:
+        kw["vocabulary"] = "shapes"
+    kw.update(steps=args.steps, lr=args.lr, ddim_steps=args.ddim_steps, seed=args.seed, zt_producer=producer)
+    run_dir = Path(args.out) / "runs" / f"{row}-{producer}"
+    t0 = time.perf_counter()
+    edit = erasekit.erase(
+        pipe,
+        EraseRequest(SPLIT0),
+        method=method,
+        progress=not args.quiet,
+        run_dir=str(run_dir),
+        resume=True,
+        keep_checkpoints=args.keep_checkpoints,
+        **kw,
+    )
+    seconds = time.perf_counter() - t0
+    return {
+        **evaluate_split0(pipe, edit, args, detector, sampling),
         "erase_seconds_this_call": round(seconds, 2),
         "steps_this_call": edit.trace["steps_this_call"],
         "seconds_per_step_this_call": edit.trace["seconds_per_step"],
@@ -89,6 +128,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="bench/results/zt_quality")
     p.add_argument("--tiny", action="store_true", help="smoke test on a random tiny pipeline")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints (every 100 steps) kept per run")
+    p.add_argument(
+        "--at-step",
+        type=int,
+        default=None,
+        help="evaluate only the runs' checkpoints at this step (cells '<row>|<producer>|<step>'); trains nothing",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sampling, detector = None, None
@@ -120,11 +166,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{path} was made with other settings ({results['settings']}); use another --out.")
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
         for producer in [q.strip() for q in args.producers.split(",") if q.strip()]:
-            key = f"{row}|{producer}"
+            key = f"{row}|{producer}" + (f"|{args.at_step}" if args.at_step is not None else "")
             if key in results["cells"]:
                 continue
-            print(f"== {row} with zt_producer={producer}", flush=True)
-            cell = run_cell(pipe, row, producer, args, detector, sampling)
+            print(f"== {key}", flush=True)
+            if args.at_step is not None:
+                cell = checkpoint_cell(pipe, row, producer, args.at_step, args, detector, sampling)
+            else:
+                cell = run_cell(pipe, row, producer, args, detector, sampling)
             print(json.dumps(cell), flush=True)
             results = json.loads(path.read_text()) if path.exists() else results  # parallel runs share the file
             results["cells"][key] = cell
