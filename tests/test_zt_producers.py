@@ -81,6 +81,16 @@ def test_pooled_entries_are_whole_trajectories_each_used_once(tiny_pipe):
     assert not any(torch.equal(nxt.z_t, b.z_t) for b in batches)
 
 
+def test_a_refresh_runs_only_the_trajectories_the_remaining_steps_use(tiny_pipe):
+    cfg = FinetuneConfig(steps=5, ddim_steps=4, zt_producer="pooled", zt_pool_size=16)
+    prod = PooledProducer(_ctx(tiny_pipe), cfg, ERASE, seed=0)
+    prod.prepare(0)
+    assert len(prod.grid) == 8  # ceil(5 steps / 4 latents per trajectory) = 2 trajectories, not 16
+    for s in range(4):
+        prod.batch(s)
+    assert len(prod.grid) == 4  # step 4 is served from the same pool
+
+
 def test_pooled_several_concepts_across_a_refresh(tiny_pipe):
     cfg = FinetuneConfig(steps=9, ddim_steps=2, concepts_per_step=3, zt_producer="pooled", zt_pool_size=2)
     prod = PooledProducer(_ctx(tiny_pipe, 2), cfg, ERASE, seed=0)

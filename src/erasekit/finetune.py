@@ -561,7 +561,8 @@ class PooledProducer(ZtProducer):
     distribution ``exact`` draws z_t from (concept uniform, step index uniform, z_t = DDIM of fresh
     noise); what changes is that entries of one trajectory are correlated (the same noise), which the
     shuffle spreads over ``zt_pool_size x ddim_steps`` steps. Cost: ``ddim_steps - 1`` CFG forwards per
-    ``ddim_steps`` z_t, about one batched forward a step instead of ``~ddim_steps``. Rows of one step
+    ``ddim_steps`` z_t, about one batched forward a step instead of ``~ddim_steps``. A refresh runs no
+    more trajectories than the remaining steps can use (``ceil(remaining rows / ddim_steps)``). Rows of one step
     may share a concept (``exact`` draws distinct ones). Refresh draws come from
     ``step_generator(seed, step, 1, k)`` (k-th refresh within a step), the pool's remaining entries are
     checkpointed: resume is exact.
@@ -577,7 +578,9 @@ class PooledProducer(ZtProducer):
 
     def _refresh(self, step: int, k: int) -> None:
         gen = step_generator(self.seed, step, 1, k)
-        size, d, n = self.config.zt_pool_size, self.config.ddim_steps, len(self.erase)
+        d, n, b = self.config.ddim_steps, len(self.erase), self.config.concepts_per_step
+        # no more trajectories than the remaining steps can use (a short run does not pay for a full pool)
+        size = min(self.config.zt_pool_size, -(-(self.config.steps - step) * b // d))
         idx = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-size // n))])[:size]
         noise = self.ctx.initial_noise(size, gen)
         cond = self.ctx.embed([self.erase[i] for i in idx.tolist()])
