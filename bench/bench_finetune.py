@@ -9,10 +9,10 @@ medians over ``--reps``, and the load average (``os.getloadavg``) is recorded ar
   depends on the drawn DDIM indices (uniform in [0, ddim_steps)); every variant of repetition ``r``
   uses seed ``r``, and the mean drawn index is printed next to its expected value.
 - ``pooled`` computes ``zt_pool_size`` whole trajectories per refresh and serves
-  ``zt_pool_size x ddim_steps`` steps from them. A bench run of ``--steps`` steps holds one refresh
-  (at its start) but uses only part of the pool, so the seconds per step are *amortised*: the
-  refresh's time is timed on its own and charged ``1 / (zt_pool_size x ddim_steps / concepts_per_step)``
-  per step, plus the measured time of the steps themselves. The raw (unamortised) number is kept too.
+  ``zt_pool_size x ddim_steps`` steps from them. A bench run of ``--steps`` steps refreshes once, a pool
+  capped to its own few steps, so the seconds per step are *amortised* as in a long run: the time of
+  the steps without that refresh, plus ``1 / (zt_pool_size x ddim_steps / concepts_per_step)`` of the
+  time of one full refresh (timed on its own, right after). The raw run time is kept too.
 - the floor: what ESD's learning cannot avoid at the same batch, 3 UNet forwards + 1 backward
   (the frozen model on the anchor and erased rows in one call, the trained model on the erased row,
   the backward of the MSE to the trainable parameters), timed over ``--floor-iters`` iterations.
@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -79,9 +80,16 @@ def time_method(pipe, request: EraseRequest, method: str, producer: str, args, s
     per_step = loop / args.steps
     out: dict[str, Any] = {"raw_seconds_per_step": per_step, "load_before": load, "load_after": os.getloadavg()[0]}
     if producer == "pooled":
+        # A short bench run refreshes a pool capped to its own few steps; a long run refreshes full pools
+        # of zt_pool_size trajectories. Charge each step its share of one full refresh, timed on its own.
+        ctx = ft.FinetuneContext(pipe, config.train_method, ddim_steps=config.ddim_steps)
+        full = ft.PooledProducer(ctx, replace(config, steps=10**9), request.erase, seed)
+        t0 = time.perf_counter()
+        full._refresh(0, 0)
+        refresh = time.perf_counter() - t0
         served = config.zt_pool_size * config.ddim_steps / config.concepts_per_step  # steps one refresh serves
-        per_step = (loop - timer.seconds) / args.steps + timer.seconds / timer.calls / served
-        out.update(refresh_seconds=timer.seconds / timer.calls, refreshes=timer.calls, steps_per_refresh=served)
+        per_step = (loop - timer.seconds) / args.steps + refresh / served
+        out.update(full_refresh_seconds=refresh, steps_per_refresh=served, capped_refresh_seconds=timer.seconds)
     else:
         grid = ddim_grid(pipe, args.ddim_steps)
         idx = [grid.index(int(r["t"])) for r in edit.trace["log"]]
