@@ -164,6 +164,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"load average at start: {os.getloadavg()}", flush=True)
 
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    out: dict[str, Any] = {
+        "command": "python bench/bench_finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": model,
+        "steps": args.steps,
+        "reps": args.reps,
+        "ddim_steps": args.ddim_steps,
+        "erase": request.erase,
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "summary": {},
+        "raw": raw,
+    }
     for n in threads:
         torch.set_num_threads(n)
         cells = raw.setdefault(str(n), {})
@@ -176,57 +188,55 @@ def main(argv: list[str] | None = None) -> dict:
                         f"threads={n} rep={rep} {m:>4} {prod:>7}: {r['seconds_per_step'] * 1000:8.1f} ms/step",
                         flush=True,
                     )
+                    _write(args, out, methods, producers)  # partial results survive an interrupted run
             r = time_floor(pipe, request, args)
             cells.setdefault("floor", []).append(r)
             print(f"threads={n} rep={rep} floor       : {r['seconds_per_step'] * 1000:8.1f} ms/step", flush=True)
+            _write(args, out, methods, producers)
+    for n, s in _write(args, out, methods, producers).items():
+        print(f"\n== threads={n} (medians over {args.reps} reps; load average {s['load_average_range']})")
+        for k, v in s["median_seconds_per_step"].items():
+            print(f"  {k:>14}: {v * 1000:8.1f} ms/step")
+        for k, v in s.items():
+            if k != "median_seconds_per_step":
+                print(f"  {k}: {v}")
+        print(f"  expected mean DDIM index of exact: {(args.ddim_steps - 1) / 2}")
+    return out
 
+
+def summarise(raw: dict[str, dict[str, list[dict[str, Any]]]], methods: list[str], producers: list[str]) -> dict:
+    """Medians per thread count and the ratios of the issue (those whose cells exist so far)."""
     summary: dict[str, dict[str, Any]] = {}
     old, new = producers[0], producers[-1]
     for n, cells in raw.items():
         med = {k: statistics.median(r["seconds_per_step"] for r in v) for k, v in cells.items()}
         s: dict[str, Any] = {"median_seconds_per_step": {k: round(v, 5) for k, v in med.items()}}
+        s["reps_done"] = {k: len(v) for k, v in cells.items()}
         for m in methods:
-            s[f"{m}_speedup_{new}_vs_{old}"] = round(med[f"{m}|{old}"] / med[f"{m}|{new}"], 3)
-            s[f"{m}_{new}_over_floor"] = round(med[f"{m}|{new}"] / med["floor"], 3)
-        if "esd" in methods:
-            for m in methods:
-                if m != "esd":
-                    for prod in producers:
-                        s[f"{m}_over_esd_{prod}"] = round(med[f"{m}|{prod}"] / med[f"esd|{prod}"], 3)
-        idx = [
-            r["mean_ddim_index"] for k, v in cells.items() if k.endswith(f"|{old}") for r in v if "mean_ddim_index" in r
-        ]
+            if f"{m}|{old}" in med and f"{m}|{new}" in med:
+                s[f"{m}_speedup_{new}_vs_{old}"] = round(med[f"{m}|{old}"] / med[f"{m}|{new}"], 3)
+            if f"{m}|{new}" in med and "floor" in med:
+                s[f"{m}_{new}_over_floor"] = round(med[f"{m}|{new}"] / med["floor"], 3)
+        for m in methods:
+            for prod in producers:
+                if m != "esd" and f"{m}|{prod}" in med and f"esd|{prod}" in med:
+                    s[f"{m}_over_esd_{prod}"] = round(med[f"{m}|{prod}"] / med[f"esd|{prod}"], 3)
+        idx = [r["mean_ddim_index"] for k, v in cells.items() for r in v if "mean_ddim_index" in r]
         if idx:
             s["exact_mean_ddim_index"] = round(statistics.fmean(idx), 2)
-        s["load_average_range"] = [
-            round(min(r["load_before"] for v in cells.values() for r in v), 2),
-            round(max(r["load_before"] for v in cells.values() for r in v), 2),
-        ]
+        loads = [r["load_before"] for v in cells.values() for r in v]
+        s["load_average_range"] = [round(min(loads), 2), round(max(loads), 2)]
         summary[n] = s
-        print(f"\n== threads={n} (medians over {args.reps} reps; load average {s['load_average_range']})")
-        for k, v in med.items():
-            print(f"  {k:>14}: {v * 1000:8.1f} ms/step")
-        for k, v in s.items():
-            if k not in ("median_seconds_per_step",):
-                print(f"  {k}: {v}")
-        print(f"  expected mean DDIM index of exact: {(args.ddim_steps - 1) / 2}")
-    out = {
-        "command": "python bench/bench_finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": model,
-        "steps": args.steps,
-        "reps": args.reps,
-        "ddim_steps": args.ddim_steps,
-        "erase": request.erase,
-        "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "summary": summary,
-        "raw": raw,
-    }
+    return summary
+
+
+def _write(args, out: dict[str, Any], methods: list[str], producers: list[str]) -> dict:
+    out["summary"] = summarise(out["raw"], methods, producers)
     if args.json:
         from erasekit.io import write_json_atomic
 
         write_json_atomic(args.json, out)
-    return out
+    return out["summary"]
 
 
 if __name__ == "__main__":
