@@ -14,15 +14,28 @@ minimise at one step; the core does everything else:
    state) only, and the caller's pipeline is never written, not even temporarily.
 3. **z_t as ESD samples it** (Gandikota et al. 2023, Algorithm 1 / ``quick_sample_till_t``): draw a
    DDIM step index ``i`` uniformly in ``[0, ddim_steps)``, start from Gaussian noise and run ``i``
-   DDIM steps (eta 0) of the frozen model (or the one being trained, ``zt_producer="trained"``, as
-   ESD's script does) with classifier-free guidance ``start_guidance`` on the erased concept. The latent
-   is then evaluated at the timestep it actually has, ``timesteps[i]`` (ESD's CompVis script draws a
-   DDPM timestep from ``i / ddim_steps * 1000`` instead, which does not match the latent's noise
-   level; its diffusers port uses the matching timestep, as we do).
+   DDIM steps (eta 0) with classifier-free guidance ``start_guidance`` on the erased concept. The
+   latent is then evaluated at the timestep it actually has, ``timesteps[i]`` (ESD's CompVis script
+   draws a DDPM timestep from ``i / ddim_steps * 1000`` instead, which does not match the latent's
+   noise level; its diffusers port uses the matching timestep, as we do). A :class:`ZtProducer`
+   makes the step's concepts and z_t (``zt_producer``, recorded in the edit's config and trace):
+
+   - ``exact``: one DDIM run of the frozen original per step (the paper's sampler; the reference).
+   - ``batched``: the same draws and runs, ``zt_batch_steps`` steps at a time in one batched DDIM run;
+     the frozen model does not change, so the z_t equal ``exact``'s (to float rounding).
+   - ``pooled``: whole frozen trajectories, each of whose ``ddim_steps`` latents serves one step, in
+     an order shuffled across trajectories and concepts (:class:`PooledProducer`). Each z_t has
+     exactly ``exact``'s distribution; steps become correlated through shared trajectories. About
+     one UNet forward a step for z_t instead of ``~ddim_steps``.
+   - ``trained``: a DDIM run per step with the model being trained, as the CompVis ESD script and the
+     AP/AGE scripts sample (a departure from the papers' frozen sampler, for the ``authors`` presets).
+
+   Frozen passes that need no gradient run under :func:`torch.inference_mode`.
 4. **Determinism and exact resume.** All randomness of step ``s`` comes from a generator seeded by
    ``(seed, s)`` alone, so a run resumed from a checkpoint at step ``s`` draws exactly what the
    uninterrupted run drew. A checkpoint holds the trainable tensors, the optimizer's state, the
-   method's own state (e.g. AP's logits and their optimizer) and the step log.
+   method's own state (e.g. AP's logits and their optimizer), the producer's state (the pooled
+   producer's remaining latents) and the step log; resuming with another producer is refused.
 5. **Run directories.** ``run_dir`` gets ``run.json`` (config, its hash, request, base model),
    ``checkpoints/step-XXXXXXXX/`` every ``checkpoint_every`` steps (written to a temporary folder,
    then renamed, so a crash never leaves half a checkpoint), ``log.jsonl`` (one record per step:
@@ -54,6 +67,7 @@ from tqdm.auto import tqdm
 
 from erasekit.edit import Edit, EraseRequest
 from erasekit.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
+from erasekit.methods.base import is_read
 from erasekit.pipeline import base_info, encode_prompts
 from erasekit.targets import select_parameters
 
@@ -63,11 +77,12 @@ from erasekit.targets import select_parameters
 ESD_U_REGEX = r"^(?!time_embedding\.|conv_norm_out\.|conv_out\.)(?!.*\.attn2\.)"
 TRAIN_METHODS: dict[str, str] = {"xattn": "xattn", "kv": "kv", "noxattn": ESD_U_REGEX, "full": "full"}
 
-ZT_PRODUCERS = ("exact", "trained")
+ZT_PRODUCERS = ("exact", "batched", "pooled", "trained")
 
 RUN_JSON = "run.json"
 LOG_JSONL = "log.jsonl"
 CHECKPOINTS = "checkpoints"
+PRODUCER_FILE = "producer.safetensors"
 EDIT_DIR = "edit"
 
 
@@ -94,11 +109,29 @@ class FinetuneConfig:
     )
     ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the sampler that produces z_t"})
     start_guidance: float = field(default=3.0, metadata={"help": "CFG scale of the sampler that produces z_t"})
-    zt_producer: Literal["exact", "trained"] = field(
+    zt_producer: Literal["exact", "batched", "pooled", "trained"] = field(
         default="exact",
         metadata={
-            "help": "how z_t is produced: exact (a DDIM run of the frozen original per step) or trained "
-            "(the same run with the model being trained, as CompVis ESD and the AP/AGE scripts sample)"
+            "help": "how z_t is produced: exact (a DDIM run of the frozen original per step), batched (the same "
+            "runs for zt_batch_steps upcoming steps in one batched DDIM run: the same z_t), pooled (whole frozen "
+            "DDIM trajectories, every latent of each used once, shuffled; ~1 UNet forward a step instead of "
+            "~ddim_steps) or trained (a DDIM run per step with the model being trained, as CompVis ESD and the "
+            "AP/AGE scripts sample)"
+        },
+    )
+    zt_batch_steps: int = field(
+        default=16,
+        metadata={
+            "help": "batched: steps whose z_t one batched DDIM run computes (memory grows with it)",
+            "used_when": {"zt_producer": ("batched",)},
+        },
+    )
+    zt_pool_size: int = field(
+        default=16,
+        metadata={
+            "help": "pooled: DDIM trajectories computed together at each refresh of the pool (each gives "
+            "ddim_steps latents; more = less correlation between steps, more memory)",
+            "used_when": {"zt_producer": ("pooled",)},
         },
     )
     concepts_per_step: int = field(default=1, metadata={"help": "erased concepts (batch rows) per step"})
@@ -119,6 +152,10 @@ class FinetuneConfig:
             raise ValueError(f"`start_guidance` must be >= 0, got {self.start_guidance}.")
         if self.zt_producer not in ZT_PRODUCERS:
             raise ValueError(f"`zt_producer` must be one of {', '.join(ZT_PRODUCERS)}, got {self.zt_producer!r}.")
+        if self.zt_batch_steps < 1 or self.zt_pool_size < 1:
+            raise ValueError(
+                f"`zt_batch_steps` and `zt_pool_size` must be >= 1, got {self.zt_batch_steps} and {self.zt_pool_size}."
+            )
         if self.concepts_per_step <= 0:
             raise ValueError(f"`concepts_per_step` must be > 0, got {self.concepts_per_step}.")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -136,8 +173,10 @@ class FinetuneConfig:
 
 
 def hashed_config(config: Any) -> dict[str, Any]:
-    """The config fields that determine a run's result (run-control fields such as ``run_dir`` left out)."""
-    return {f.name: getattr(config, f.name) for f in fields(config) if not f.metadata.get("run")}
+    """The config fields that determine a run's result: run-control fields such as ``run_dir`` and the
+    options this config does not read (``used_when`` metadata, e.g. ``zt_pool_size`` of a non-pooled
+    run) are left out, so adding such an option does not change the hash of the runs that ignore it."""
+    return {f.name: getattr(config, f.name) for f in fields(config) if not f.metadata.get("run") and is_read(config, f)}
 
 
 def config_hash(payload: dict[str, Any]) -> str:
@@ -145,9 +184,14 @@ def config_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of step ``step``: a function of ``(seed, step)`` only (what makes resume exact)."""
-    state = np.random.SeedSequence([int(seed) % 2**63, int(step)]).generate_state(2, np.uint64)
+def step_generator(seed: int, step: int, *stream: int) -> torch.Generator:
+    """The CPU generator of step ``step``: a function of ``(seed, step)`` only (what makes resume exact).
+
+    ``stream`` (extra integers) names an independent generator of the same step, e.g. the pooled
+    producer's refresh draws, so that adding one never shifts the draws of another.
+    """
+    entropy = [int(seed) % 2**63, int(step), *(int(x) for x in stream)]
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
     return torch.Generator().manual_seed(int(state[0] % np.uint64(2**63)))
 
 
@@ -189,8 +233,19 @@ class FinetuneContext:
         return self.unet(z, t, encoder_hidden_states=cond).sample
 
     def eps_frozen(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """eps_theta(z_t, c, t) of the original model (the caller's tensors, never trained)."""
-        return functional_call(self.unet, self.originals, (z, t), {"encoder_hidden_states": cond}).sample
+        """eps_theta(z_t, c, t) of the original model (the caller's tensors, never trained).
+
+        When gradients are on and an input requires them (AP's search differentiates through this call
+        with respect to a relaxed embedding), the structural copy is called with the original tensors
+        swapped in (:func:`torch.func.functional_call`), so no gradient can reach the caller's parameters;
+        otherwise the caller's UNet itself is called, read-only, under :func:`torch.inference_mode` (no
+        graph, no version counters, no parameter swap) and an ordinary tensor is returned.
+        """
+        if torch.is_grad_enabled() and (z.requires_grad or cond.requires_grad):
+            return functional_call(self.unet, self.originals, (z, t), {"encoder_hidden_states": cond}).sample
+        with torch.inference_mode():  # read-only: the caller's own UNet holds exactly the original tensors
+            out = self.pipe.unet(z, t, encoder_hidden_states=cond).sample
+        return out.clone()  # an inference tensor cannot be saved for backward (ESD's loss uses it as a target)
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text-encoder embeddings (B, 77, D) of ``prompts``, cached per prompt (the encoder is frozen)."""
@@ -205,7 +260,63 @@ class FinetuneContext:
         return {f"unet.{n}": p.detach().clone() for n, p in self.params.items()}
 
     # -------------------------------------------------------------- z_t
-    @torch.no_grad()
+    def initial_noise(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        """The DDIM run's starting latents (b, C, h, w): Gaussian noise from ``generator`` (drawn on the CPU,
+        so a seed gives the same noise on every device) times the scheduler's ``init_noise_sigma``."""
+        cfg = self.pipe.unet.config
+        shape = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        return torch.randn(shape, generator=generator).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+
+    def ddim_latents(
+        self,
+        cond: torch.Tensor,
+        z: torch.Tensor,
+        n_steps: Sequence[int],
+        *,
+        guidance: float,
+        frozen: bool = True,
+        keep_all: bool = False,
+    ) -> torch.Tensor:
+        """Batched DDIM (eta 0) with CFG ``guidance`` from latents ``z`` (B, C, h, w): row ``r`` runs
+        ``n_steps[r]`` steps of the grid, conditioned on ``cond[r]``, and then stays put.
+
+        ESD, Algorithm 1 (``quick_sample_till_t``), for many rows at once; the one DDIM loop of the core.
+        Returns the latents after each row's steps (B, C, h, w) or, with ``keep_all``, every latent of
+        the runs (B, max(n_steps) + 1, C, h, w; index k = after k steps). Runs under
+        :func:`torch.inference_mode` (z_t is an input of the loss, never differentiated); ``frozen=False``
+        samples with the model being trained (``zt_producer="trained"``).
+        """
+        b = cond.shape[0]
+        if len(n_steps) != b or z.shape[0] != b:
+            raise ValueError(
+                f"`n_steps` ({len(n_steps)}) and `z` ({z.shape[0]}) need one entry per row of `cond` ({b})."
+            )
+        todo = torch.as_tensor(list(n_steps), dtype=torch.long)
+        model = self.eps_frozen if frozen else self.eps
+        uncond = self.embed([""])  # outside inference mode: the cache must hold ordinary tensors
+        with torch.inference_mode():
+            seen = [z] if keep_all else []
+            for k in range(int(todo.max()) if b else 0):
+                t = self.scheduler.timesteps[k]
+                rows = (todo > k).nonzero().squeeze(1)
+                full = len(rows) == b
+                z_a, c_a = (z, cond) if full else (z[rows], cond[rows])
+                n = z_a.shape[0]
+                e_u, e_c = model(
+                    torch.cat([z_a, z_a]), t.expand(2 * n), torch.cat([uncond.expand(n, -1, -1), c_a])
+                ).chunk(2)
+                new = self.scheduler.step(e_u + guidance * (e_c - e_u), t, z_a).prev_sample
+                z = new if full else z.index_copy(0, rows.to(z.device), new)
+                if keep_all:
+                    seen.append(z)
+            out = torch.stack(seen, 1) if keep_all else z
+        return out.clone()  # an ordinary tensor: the loss's graph may save it
+
+    def timesteps_at(self, n_steps: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The timestep of the latent after ``n_steps[r]`` DDIM steps, per row (B,): ``timesteps[n_steps[r]]``."""
+        idx = torch.as_tensor(n_steps, dtype=torch.long, device=self.scheduler.timesteps.device)
+        return self.scheduler.timesteps[idx].to(self.device)
+
     def sample_zt(
         self,
         cond: torch.Tensor,
@@ -215,23 +326,13 @@ class FinetuneContext:
         guidance: float,
         frozen: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``n_steps`` DDIM steps from noise with CFG ``guidance`` on ``cond`` (B, 77, D).
+        """Run ``n_steps`` DDIM steps from noise drawn from ``generator`` with CFG ``guidance`` on ``cond`` (B, 77, D).
 
         Returns ``(z_t, t)``: the latent (B, C, h, w) and its timestep (B,) (``timesteps[n_steps]``).
         """
         b = cond.shape[0]
-        cfg = self.pipe.unet.config
-        shape = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        z = torch.randn(shape, generator=generator).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
-        uncond = self.embed([""]).expand(b, -1, -1)
-        both = torch.cat([uncond, cond])
-        model = self.eps_frozen if frozen else self.eps
-        for k in range(n_steps):
-            t = self.scheduler.timesteps[k]
-            e_u, e_c = model(torch.cat([z, z]), t.expand(2 * b), both).chunk(2)
-            z = self.scheduler.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
-        t = self.scheduler.timesteps[n_steps].expand(b).to(self.device)
-        return z, t
+        z = self.ddim_latents(cond, self.initial_noise(b, generator), [n_steps] * b, guidance=guidance, frozen=frozen)
+        return z, self.timesteps_at([n_steps] * b)
 
 
 def _structural_copy(unet: torch.nn.Module, trainable: set[str]) -> torch.nn.Module:
@@ -321,6 +422,234 @@ class FinetuneResult:
     run_dir: Path | None
 
 
+# ------------------------------------------------------------------------------------------ z_t producers
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (CUDA OOM, or the CPU allocator's "can't allocate memory")."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate" in str(e).lower())
+
+
+class ZtProducer:
+    """Where a step's erased concepts and z_t come from: the interface of the ``zt_producer`` options.
+
+    One producer serves one run. :meth:`prepare` is called once before the first step of a call (after
+    a resumed run's state is loaded), :meth:`batch` at every step, in order. All randomness comes from
+    :func:`step_generator` (seed, step[, stream]), and whatever a producer carries from one step to the
+    next is in :meth:`state_tensors`, which checkpoints save: a resumed run draws what the uninterrupted
+    one drew, bit for bit.
+    """
+
+    name = ""
+
+    def __init__(self, ctx: FinetuneContext, config: FinetuneConfig, erase: Sequence[str], seed: int) -> None:
+        self.ctx, self.config, self.erase, self.seed = ctx, config, list(erase), seed
+
+    def prepare(self, start: int) -> None:
+        """Precompute what step ``start`` needs (errors such as running out of memory come here, before
+        the run writes anything)."""
+
+    def batch(self, step: int) -> StepBatch:
+        """The :class:`StepBatch` of step ``step``."""
+        raise TypeError(f"{type(self).__name__} must implement batch(step).")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The producer's state between steps (saved in checkpoints; empty for stateless producers)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`."""
+
+    def _draw(self, gen: torch.Generator) -> tuple[list[str], int]:
+        """A step's erased concepts (``concepts_per_step``, distinct when there are enough) and DDIM step
+        index ``i`` uniform in ``[0, ddim_steps)``, drawn from the step's generator (ESD, Algorithm 1)."""
+        n, b = len(self.erase), self.config.concepts_per_step
+        idx = (
+            torch.randperm(n, generator=gen)[:b].tolist()
+            if b <= n
+            else torch.randint(0, n, (b,), generator=gen).tolist()
+        )
+        return [self.erase[i] for i in idx], int(torch.randint(0, self.config.ddim_steps, (1,), generator=gen))
+
+
+class ExactProducer(ZtProducer):
+    """``exact``: a DDIM run of the frozen original per step, from the step's own noise to its drawn
+    step index (ESD, Algorithm 1, with the paper's frozen sampler). The reference of the others."""
+
+    name = "exact"
+    frozen = True
+
+    def batch(self, step: int) -> StepBatch:
+        gen = step_generator(self.seed, step)
+        concepts, n_steps = self._draw(gen)
+        cond_e = self.ctx.embed(concepts)
+        z_t, t = self.ctx.sample_zt(cond_e, n_steps, gen, guidance=self.config.start_guidance, frozen=self.frozen)
+        return StepBatch(step=step, concepts=concepts, z_t=z_t, t=t, cond_e=cond_e, generator=gen)
+
+
+class TrainedProducer(ExactProducer):
+    """``trained``: as ``exact`` but sampled with the model being trained (at its current weights), as
+    the CompVis ESD script and the AP/AGE scripts do (their ``authors`` presets). The model changes at
+    every step, so the runs cannot be precomputed; the concepts of one step are one batch."""
+
+    name = "trained"
+    frozen = False
+
+
+class BatchedProducer(ZtProducer):
+    """``batched``: the draws of ``exact`` (same generator, same order: concepts, step index, noise),
+    but the DDIM runs of ``zt_batch_steps`` consecutive steps are computed as one batch (each row stops
+    at its own step index). The frozen model does not change during the run, so each z_t equals
+    ``exact``'s up to float rounding; the FLOPs are the same, only per-call overhead goes. Chunks are
+    aligned to multiples of ``zt_batch_steps``, so a resumed run recomputes exactly the same batches.
+    """
+
+    name = "batched"
+
+    def __init__(self, ctx: FinetuneContext, config: FinetuneConfig, erase: Sequence[str], seed: int) -> None:
+        super().__init__(ctx, config, erase, seed)
+        self._ready: dict[int, StepBatch] = {}
+
+    def prepare(self, start: int) -> None:
+        self._fill(start)
+
+    def _fill(self, step: int) -> None:
+        size = self.config.zt_batch_steps
+        first = step - step % size
+        steps = range(first, min(first + size, self.config.steps))
+        drawn = []
+        for s in steps:
+            gen = step_generator(self.seed, s)
+            concepts, n_steps = self._draw(gen)
+            drawn.append((s, gen, concepts, n_steps, self.ctx.initial_noise(len(concepts), gen)))
+        concepts_all = [c for d in drawn for c in d[2]]
+        rows = [d[3] for d in drawn for _ in d[2]]
+        cond = self.ctx.embed(concepts_all)
+        try:
+            z = self.ctx.ddim_latents(cond, torch.cat([d[4] for d in drawn]), rows, guidance=self.config.start_guidance)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise ValueError(
+                f"zt_producer='batched': the DDIM runs of `zt_batch_steps`={size} steps ({len(rows)} rows) do not "
+                f"fit in memory; lower `zt_batch_steps`. ({e})"
+            ) from e
+        t = self.ctx.timesteps_at(rows)
+        at = 0
+        for s, gen, concepts, _, _ in drawn:
+            b = len(concepts)
+            self._ready[s] = StepBatch(
+                step=s, concepts=concepts, z_t=z[at : at + b], t=t[at : at + b], cond_e=cond[at : at + b], generator=gen
+            )
+            at += b
+
+    def batch(self, step: int) -> StepBatch:
+        if step not in self._ready:
+            self._ready.clear()
+            self._fill(step)
+        return self._ready.pop(step)
+
+
+class PooledProducer(ZtProducer):
+    """``pooled``: whole frozen DDIM trajectories, every latent of each used once.
+
+    One DDIM run from noise passes through z_t for *every* step index of the grid, so a refresh runs
+    ``zt_pool_size`` trajectories (concepts balanced: successive random permutations of the erased
+    concepts) for ``ddim_steps - 1`` steps in one batch and keeps all ``ddim_steps`` latents of each
+    (index 0 = the noise). The pool's entries are shuffled across trajectories and concepts, and each
+    step takes the next ``concepts_per_step``; an empty pool is refreshed. Each entry has exactly the
+    distribution ``exact`` draws z_t from (concept uniform, step index uniform, z_t = DDIM of fresh
+    noise); what changes is that entries of one trajectory are correlated (the same noise), which the
+    shuffle spreads over ``zt_pool_size x ddim_steps`` steps. Cost: ``ddim_steps - 1`` CFG forwards per
+    ``ddim_steps`` z_t, about one batched forward a step instead of ``~ddim_steps``. A refresh runs no
+    more trajectories than the remaining steps can use (``ceil(remaining rows / ddim_steps)``). Rows of one step
+    may share a concept (``exact`` draws distinct ones). Refresh draws come from
+    ``step_generator(seed, step, 1, k)`` (k-th refresh within a step), the pool's remaining entries are
+    checkpointed: resume is exact.
+    """
+
+    name = "pooled"
+
+    def __init__(self, ctx: FinetuneContext, config: FinetuneConfig, erase: Sequence[str], seed: int) -> None:
+        super().__init__(ctx, config, erase, seed)
+        self.z = torch.empty(0)
+        self.grid = torch.empty(0, dtype=torch.long)
+        self.concept = torch.empty(0, dtype=torch.long)
+
+    def _refresh(self, step: int, k: int) -> None:
+        gen = step_generator(self.seed, step, 1, k)
+        d, n, b = self.config.ddim_steps, len(self.erase), self.config.concepts_per_step
+        # no more trajectories than the remaining steps can use (a short run does not pay for a full pool)
+        size = min(self.config.zt_pool_size, -(-(self.config.steps - step) * b // d))
+        idx = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-size // n))])[:size]
+        noise = self.ctx.initial_noise(size, gen)
+        cond = self.ctx.embed([self.erase[i] for i in idx.tolist()])
+        try:
+            traj = self.ctx.ddim_latents(
+                cond, noise, [d - 1] * size, guidance=self.config.start_guidance, keep_all=True
+            )
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise ValueError(
+                f"zt_producer='pooled': a pool of `zt_pool_size`={size} trajectories ({2 * size} UNet rows per call, "
+                f"{size * d} latents) does not fit in memory; lower `zt_pool_size`. ({e})"
+            ) from e
+        order = torch.randperm(size * d, generator=gen)
+        self.z = traj.reshape(size * d, *traj.shape[2:])[order.to(traj.device)]
+        self.grid = torch.arange(d).repeat(size)[order]
+        self.concept = idx.repeat_interleave(d)[order]
+
+    def prepare(self, start: int) -> None:
+        if len(self.grid) == 0:
+            self._refresh(start, 0)
+
+    def batch(self, step: int) -> StepBatch:
+        b, parts, k = self.config.concepts_per_step, [], 0
+        while b > 0:
+            if len(self.grid) == 0:
+                self._refresh(step, k)
+                k += 1
+            take = min(b, len(self.grid))
+            parts.append((self.z[:take], self.grid[:take], self.concept[:take]))
+            self.z, self.grid, self.concept = self.z[take:], self.grid[take:], self.concept[take:]
+            b -= take
+        z_t, grid, concept = (torch.cat(x) for x in zip(*parts, strict=True))
+        concepts = [self.erase[i] for i in concept.tolist()]
+        return StepBatch(
+            step=step,
+            concepts=concepts,
+            z_t=z_t,
+            t=self.ctx.timesteps_at(grid),
+            cond_e=self.ctx.embed(concepts),
+            generator=step_generator(self.seed, step),
+        )
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if len(self.grid) == 0:
+            return {}
+        return {"z": self.z.contiguous(), "grid": self.grid.contiguous(), "concept": self.concept.contiguous()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:  # the pool was empty at the checkpoint
+            self.z, self.grid, self.concept = torch.empty(0), torch.empty(0, dtype=torch.long), self.grid[:0]
+            return
+        self.z = tensors["z"].to(self.ctx.device, self.ctx.dtype)
+        self.grid, self.concept = tensors["grid"].long(), tensors["concept"].long()
+
+
+PRODUCERS: dict[str, type[ZtProducer]] = {
+    p.name: p for p in (ExactProducer, BatchedProducer, PooledProducer, TrainedProducer)
+}
+
+
+def make_producer(ctx: FinetuneContext, config: FinetuneConfig, erase: Sequence[str], seed: int) -> ZtProducer:
+    """The :class:`ZtProducer` named by ``config.zt_producer``."""
+    if config.zt_producer not in PRODUCERS:
+        raise ValueError(f"`zt_producer` must be one of {', '.join(PRODUCERS)}, got {config.zt_producer!r}.")
+    return PRODUCERS[config.zt_producer](ctx, config, erase, seed)
+
+
 # ------------------------------------------------------------------------------------------ the loop
 def finetune(
     pipe,
@@ -361,24 +690,27 @@ def finetune(
     if not groups:
         raise ValueError(f"{type(loss_fn).__name__} trains nothing: it keeps the UNet fixed and has no param_groups().")
     opt = torch.optim.Adam(groups)
+    producer = make_producer(ctx, config, request.erase, seed)
     log: list[dict[str, Any]] = []
     start = 0
     if run_dir is not None and config.resume:
-        start, log = _load_latest_checkpoint(run_dir, ctx, opt, loss_fn)
+        start, log = _load_latest_checkpoint(run_dir, ctx, opt, loss_fn, producer)
+    t0 = time.time()  # the producer's first batch is part of the run's time
+    if start < config.steps:
+        producer.prepare(start)  # e.g. the first pool: a batch too large for memory fails before anything is written
     if run_dir is not None:
         write_json_atomic(
             run_dir / RUN_JSON, {**identity, "config_hash": digest, "base": base, "config_all": asdict(config)}
         )
         _write_log(run_dir, log)
 
-    # 1. The loop: sample concepts and z_t, ask the method for a loss, one optimizer step.
-    t0 = time.time()
+    # 1. The loop: the producer's concepts and z_t, the method's loss, one optimizer step.
     running: dict[str, float] = {}
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=method, disable=not progress)
     log_file = open(run_dir / LOG_JSONL, "a", encoding="utf-8") if run_dir is not None else None  # noqa: SIM115
     try:
         for step in bar:
-            batch = _make_batch(ctx, request, config, seed, step)
+            batch = producer.batch(step)
             out = loss_fn.step(ctx, batch)
             trained = [p for group in opt.param_groups for p in group["params"]]
             for p, grad in zip(trained, torch.autograd.grad(out.loss, trained, allow_unused=True), strict=True):
@@ -400,7 +732,7 @@ def finetune(
             if run_dir is not None and (
                 done == config.steps or config.checkpoint_every and done % config.checkpoint_every == 0
             ):
-                _save_checkpoint(run_dir, done, ctx, opt, loss_fn, log, config.keep_checkpoints)
+                _save_checkpoint(run_dir, done, ctx, opt, loss_fn, producer, log, config.keep_checkpoints)
     finally:
         if log_file is not None:
             log_file.close()
@@ -414,6 +746,7 @@ def finetune(
         "n_tensors": len(ctx.params),
         "n_parameters": int(sum(p.numel() for p in ctx.params.values())),
         "seed": seed,
+        "zt_producer": producer.name,
         "config_hash": digest,
         "steps_this_call": config.steps - start,
         "seconds": round(seconds, 3),
@@ -438,21 +771,6 @@ def _round(d: dict[str, float]) -> dict[str, float]:
     return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in d.items()}
 
 
-def _make_batch(ctx: FinetuneContext, request: EraseRequest, config: FinetuneConfig, seed: int, step: int) -> StepBatch:
-    """Draw the step's erased concepts, DDIM step and z_t from the step's generator."""
-    gen = step_generator(seed, step)
-    n, b = len(request.erase), config.concepts_per_step
-    if b <= n:
-        idx = torch.randperm(n, generator=gen)[:b].tolist()
-    else:
-        idx = torch.randint(0, n, (b,), generator=gen).tolist()
-    concepts = [request.erase[i] for i in idx]
-    cond_e = ctx.embed(concepts)
-    n_steps = int(torch.randint(0, config.ddim_steps, (1,), generator=gen))
-    z_t, t = ctx.sample_zt(cond_e, n_steps, gen, guidance=config.start_guidance, frozen=config.zt_producer != "trained")
-    return StepBatch(step=step, concepts=concepts, z_t=z_t, t=t, cond_e=cond_e, generator=gen)
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 def _check_run_dir(run_dir: Path, identity: dict[str, Any], digest: str, resume: bool) -> None:
     """Refuse a run directory that holds a different run, or any run when not resuming (writes nothing)."""
@@ -471,6 +789,15 @@ def _check_run_dir(run_dir: Path, identity: dict[str, Any], digest: str, resume:
         )
     if meta.get("config_hash") != digest:
         diff = _diff(meta, identity)
+        old_p, new_p = (meta.get("config") or {}).get("zt_producer"), identity["config"].get("zt_producer")
+        if old_p != new_p:
+            raise ValueError(
+                f"Cannot resume {str(run_dir)!r} with zt_producer={new_p!r}: it was started with "
+                f"zt_producer={old_p!r}, and its checkpoints hold that producer's state (e.g. the pooled latents), "
+                f"so it continues only with the producer it started with (config hash {meta.get('config_hash')} != "
+                f"{digest}; differing: {diff}). Resume with zt_producer={old_p!r}, or start a new run_dir; "
+                "nothing was overwritten."
+            )
         raise ValueError(
             f"Cannot resume {str(run_dir)!r}: it was started with a different configuration "
             f"(hash {meta.get('config_hash')} != {digest}; differing: {diff}). Use the original settings or a new "
@@ -517,6 +844,7 @@ def _save_checkpoint(
     ctx: FinetuneContext,
     opt: torch.optim.Optimizer,
     loss_fn: LossFunction,
+    producer: ZtProducer,
     log: list,
     keep: int,
 ) -> None:
@@ -530,7 +858,8 @@ def _save_checkpoint(
     save_safetensors_atomic({n: p.detach() for n, p in ctx.params.items()}, tmp / "trainable.safetensors")
     save_safetensors_atomic(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
     save_safetensors_atomic(loss_fn.state_tensors(), tmp / "method.safetensors")
-    write_json_atomic(tmp / "state.json", {"step": step, "log": log})
+    save_safetensors_atomic(producer.state_tensors(), tmp / PRODUCER_FILE)
+    write_json_atomic(tmp / "state.json", {"step": step, "zt_producer": producer.name, "log": log})
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -547,7 +876,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 @torch.no_grad()
 def _load_latest_checkpoint(
-    run_dir: Path, ctx: FinetuneContext, opt: torch.optim.Optimizer, loss_fn: LossFunction
+    run_dir: Path, ctx: FinetuneContext, opt: torch.optim.Optimizer, loss_fn: LossFunction, producer: ZtProducer
 ) -> tuple[int, list[dict[str, Any]]]:
     ck = latest_checkpoint(run_dir)
     if ck is None:
@@ -560,6 +889,14 @@ def _load_latest_checkpoint(
     loss_fn.load_state_tensors(load_file(ck / "method.safetensors"))
     _load_optimizer_tensors(opt, load_file(ck / "optimizer.safetensors"))
     state = json.loads((ck / "state.json").read_text())
+    saved = state.get("zt_producer", producer.name)  # older checkpoints: the config hash already matched
+    if saved != producer.name:
+        raise ValueError(
+            f"Checkpoint {str(ck)!r} was written with zt_producer={saved!r}, not {producer.name!r}: resume with "
+            f"zt_producer={saved!r} or start a new run_dir."
+        )
+    if (ck / PRODUCER_FILE).exists():
+        producer.load_state_tensors(load_file(ck / PRODUCER_FILE))
     return int(state["step"]), list(state["log"])
 
 
