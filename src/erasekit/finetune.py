@@ -78,6 +78,7 @@ ESD_U_REGEX = r"^(?!time_embedding\.|conv_norm_out\.|conv_out\.)(?!.*\.attn2\.)"
 TRAIN_METHODS: dict[str, str] = {"xattn": "xattn", "kv": "kv", "noxattn": ESD_U_REGEX, "full": "full"}
 
 ZT_PRODUCERS = ("exact", "batched", "pooled", "trained")
+ZtProducerName = Literal["exact", "batched", "pooled", "trained"]  # methods that redeclare the default use it
 
 RUN_JSON = "run.json"
 LOG_JSONL = "log.jsonl"
@@ -109,7 +110,7 @@ class FinetuneConfig:
     )
     ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the sampler that produces z_t"})
     start_guidance: float = field(default=3.0, metadata={"help": "CFG scale of the sampler that produces z_t"})
-    zt_producer: Literal["exact", "batched", "pooled", "trained"] = field(
+    zt_producer: ZtProducerName = field(
         default="exact",
         metadata={
             "help": "how z_t is produced: exact (a DDIM run of the frozen original per step), batched (the same "

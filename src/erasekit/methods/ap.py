@@ -76,7 +76,15 @@ import torch.nn.functional as F
 
 from erasekit.concepts import load_vocabulary, nearest_concepts, stratified_concepts
 from erasekit.edit import Edit, EraseRequest
-from erasekit.finetune import FinetuneConfig, FinetuneContext, LossFunction, StepBatch, StepOutput, finetune
+from erasekit.finetune import (
+    FinetuneConfig,
+    FinetuneContext,
+    LossFunction,
+    StepBatch,
+    StepOutput,
+    ZtProducerName,
+    finetune,
+)
 from erasekit.methods.base import register
 from erasekit.pipeline import base_info
 
@@ -439,7 +447,7 @@ class APConfig(FinetuneConfig):
     run_imagenette.sh: 1000 steps, Adam lr 1e-5, cross-attention, K = 100 of the 1000 nearest,
     1 ascent per descent, search lr 1e-2, temperature 2, hard, lambda 1, eta 1, x0 space)."""
 
-    zt_producer: Literal["exact", "trained"] = option("trained", _ZT)
+    zt_producer: ZtProducerName = option("trained", _ZT)
     lam: float = option(1.0, "lambda: weight of the preservation loss L2")
     search: Literal["gumbel", "pgd", "fixed"] = option(
         "gumbel", "gumbel (discrete, paper), pgd (continuous, Fig. 4 top) or fixed"

@@ -36,13 +36,20 @@ is our ``eta = 1``, and in general ``eta = ng - 1``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from erasekit.edit import Edit, EraseRequest
-from erasekit.finetune import FinetuneConfig, FinetuneContext, LossFunction, StepBatch, StepOutput, finetune
+from erasekit.finetune import (
+    FinetuneConfig,
+    FinetuneContext,
+    LossFunction,
+    StepBatch,
+    StepOutput,
+    ZtProducerName,
+    finetune,
+)
 from erasekit.methods.base import register
 
 
@@ -51,7 +58,7 @@ class ESDConfig(FinetuneConfig):
     """ESD hyperparameters; the defaults are the ``authors`` preset (CompVis train-esd.py: 1000 steps, lr 1e-5,
     eta 1, start guidance 3, z_t from the model being trained)."""
 
-    zt_producer: Literal["exact", "trained"] = field(
+    zt_producer: ZtProducerName = field(
         default="trained",
         metadata={
             "help": "how z_t is produced: trained (the model being trained, CompVis ESD; authors) or exact "
