@@ -281,6 +281,8 @@ def test_other_bad_inputs(runs):
         core.evaluate_job(runs, "a", "i2p", 1, 0)
     with pytest.raises(core.BadInput, match="Unknown attack"):
         core.attack_job(runs, "a", "triangle", ["nope"], 1, 1, 0)
+    with pytest.raises(core.BadInput, match="Unknown attack"):
+        core.attack_job(runs, "a", "triangle", ["none"], 1, 1, 0)
     with pytest.raises(core.BadInput, match="No run '..'|not allowed"):
         core.attack_job(runs, "..", "triangle", ["paraphrase"], 1, 1, 0)
 
@@ -315,6 +317,9 @@ def test_compare_job_is_the_api_images_and_detector(shapes_run, one_thread):
         imgs = generate_images(pipe, ["a red triangle"] * 2, [0, 1])
     det = load_detector("shapes")
     assert job.result["verdicts"]["uce-tri"] == core.verdicts_of(det, imgs)
+    probs = det.predict(imgs)["object"]  # the object head's verdict, by hand
+    assert [v[0] for v in job.result["verdicts"]["uce-tri"]] == [det.heads["object"][i] for i in probs.argmax(1)]
+    assert all(v[0] == "triangle" for v in job.result["verdicts"]["original"])
     assert [core.png_uri(i) in html for i in imgs] == [True, True]
 
 

@@ -18,7 +18,6 @@ from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from erasekit.attacks import available_attacks  # noqa: E402
 from erasekit.methods.base import available_methods  # noqa: E402
 from erasekit.serve import core  # noqa: E402
 
@@ -53,7 +52,7 @@ def build_app(
     runs.mkdir(parents=True, exist_ok=True)
     q = queue or core.JobQueue(model, workers=workers, device=device)
     methods = available_methods()
-    attacks = sorted(available_attacks())
+    attacks = core.attack_names()
 
     def run_choices() -> list[str]:
         return core.list_runs(runs)

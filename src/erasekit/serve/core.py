@@ -584,8 +584,9 @@ def compare_job(
 
 
 def verdicts_of(det: Any, images: np.ndarray) -> list[tuple[str, float]]:
-    """The detector's top class and probability per image (its first head: the miniature's ``object``)."""
-    head = next(iter(det.heads))
+    """The detector's top class and probability per image: the ``object`` head where there is one
+    (the miniature's; its other heads judge colour, background and style), else the first head."""
+    head = "object" if "object" in det.heads else next(iter(det.heads))
     probs = det.predict(images)[head]
     return [(det.heads[head][int(i)], float(p[int(i)])) for i, p in zip(probs.argmax(1), probs, strict=True)]
 
@@ -667,6 +668,11 @@ def int_in(value: Any, what: str, lo: int, hi: int) -> int:
     return v
 
 
+def attack_names() -> list[str]:
+    """The registered attacks, less ``none`` (the plain-prompt baseline every run includes anyway)."""
+    return [a for a in available_attacks() if a != "none"]
+
+
 def attack_job(
     runs: Path, name: str, concept: str, attacks: Sequence[str], n_prompts: Any, n_images: Any, seed: Any
 ) -> Callable[[Job, WorkerContext], Any]:
@@ -678,9 +684,9 @@ def attack_job(
     attacks = list(attacks or [])
     if not attacks:
         raise BadInput("No attack chosen: tick at least one attack.")
-    bad = sorted(set(attacks) - set(available_attacks()))
+    bad = sorted(set(attacks) - set(attack_names()))
     if bad:
-        raise BadInput(f"Unknown attack(s) {bad}; available: {', '.join(sorted(available_attacks()))}.")
+        raise BadInput(f"Unknown attack(s) {bad}; available: {', '.join(attack_names())}.")
     k = int_in(n_prompts, "Prompts", 1, 16)
     m = int_in(n_images, "Images per prompt", 1, 4)
     s = int_in(seed, "Seed", 0, 2**31 - 1)
