@@ -344,3 +344,27 @@ def test_erase_job_runs_the_cli_on_the_miniature(tmp_path):
     assert job.status == "done", job.log
     assert core.list_runs(runs) == ["uce-tri"] and erasekit.Edit.load(runs / "uce-tri").request.erase == ["triangle"]
     assert os.path.exists(runs / "uce-tri" / "config.json")
+
+
+@pytest.mark.slow
+def test_finetune_erase_cancel_and_resume_on_the_miniature(tmp_path):
+    runs = tmp_path / "runs"
+    q = core.JobQueue("shapes", workers=1)
+    args = dict(name="esd-tri", method="esd", preset=None, erase="triangle", options=ESD_FAST.replace("2", "400", 1))
+    args["options"] += "\ncheckpoint_every=1"
+    job = q.submit("erase", "esd", core.erase_job(core.plan_erase(runs, "shapes", **args)), run="esd-tri")
+    t0 = time.time()
+    while not list((runs / "esd-tri" / "train" / "checkpoints").glob("step-*")):
+        assert time.time() - t0 < 600 and job.status in ("queued", "running"), job.log
+        time.sleep(0.2)
+    q.cancel(job.id)
+    q.wait(job, 120)
+    assert job.status == "cancelled" and job.result["resumable"], job.log
+    assert core.list_runs(runs) == []  # checkpoints kept, but not a run yet
+    with pytest.raises(core.BadInput, match="already exists"):
+        core.plan_erase(runs, "shapes", **args)
+    resumed = q.wait(q.submit("erase", "r", core.erase_job(core.plan_erase(runs, "shapes", resume=True, **args))), 900)
+    assert resumed.status == "done", resumed.log
+    assert core.list_runs(runs) == ["esd-tri"]
+    edit = erasekit.Edit.load(runs / "esd-tri")
+    assert edit.trace["steps_this_call"] < 400  # continued from the checkpoint, not from step 0
