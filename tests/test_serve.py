@@ -350,7 +350,7 @@ def test_erase_job_runs_the_cli_on_the_miniature(tmp_path):
 def test_finetune_erase_cancel_and_resume_on_the_miniature(tmp_path):
     runs = tmp_path / "runs"
     q = core.JobQueue("shapes", workers=1)
-    args = dict(name="esd-tri", method="esd", preset=None, erase="triangle", options=ESD_FAST.replace("2", "400", 1))
+    args = dict(name="esd-tri", method="esd", preset=None, erase="triangle", options=ESD_FAST.replace("2", "60", 1))
     args["options"] += "\ncheckpoint_every=1"
     job = q.submit("erase", "esd", core.erase_job(core.plan_erase(runs, "shapes", **args)), run="esd-tri")
     t0 = time.time()
@@ -367,4 +367,4 @@ def test_finetune_erase_cancel_and_resume_on_the_miniature(tmp_path):
     assert resumed.status == "done", resumed.log
     assert core.list_runs(runs) == ["esd-tri"]
     edit = erasekit.Edit.load(runs / "esd-tri")
-    assert edit.trace["steps_this_call"] < 400  # continued from the checkpoint, not from step 0
+    assert edit.trace["steps_this_call"] < 60  # continued from the checkpoint, not from step 0
