@@ -23,7 +23,10 @@ RUN_CONTROL = {
     "resume": "continues a run from its checkpoint; the result equals the uninterrupted run (tests/test_finetune.py)",
     "keep_checkpoints": "how many checkpoints stay on disk; not part of the result",
     "key_dir": "where the secret recovery key is saved; left out of the edit on purpose (hide.py)",
+    "zt_batch_steps": "batched z_t equal exact z_t whatever the batch, by design (tests/test_zt_producers.py)",
 }
+# Fields read only under other settings: (context, probe value), compared against the context alone.
+CONTEXT_PROBES = {"zt_pool_size": ({"zt_producer": "pooled", "steps": 8}, 1)}  # 8 steps need 3 trajectories
 
 CLOSED_FORM_PROBES = {
     "uce": {
@@ -72,7 +75,7 @@ REQUEST = EraseRequest(["triangle", "square"], preserve=["circle"])
 
 def _covered(method: str, probes: dict) -> None:
     names = [f.name for f in fields(get_method(method).config_class)]
-    missing = [n for n in names if n not in probes and n not in RUN_CONTROL]
+    missing = [n for n in names if n not in probes and n not in RUN_CONTROL and n not in CONTEXT_PROBES]
     assert not missing, f"{method}: fields without a probe value or an exemption: {missing}"
     stale = sorted(set(probes) - set(names))
     assert not stale, f"{method}: probes for fields that do not exist: {stale}"
@@ -113,6 +116,9 @@ def test_every_finetuned_field_is_read(tiny_pipe, method):
         if name not in FAST:
             assert getattr(make_config(method), name) != value, f"{method}.{name}: the probe equals the default"
         if not _differs(base, _finetuned(tiny_pipe, method, **{name: value})):
+            unread.append(name)
+    for name, (context, value) in CONTEXT_PROBES.items():
+        if not _differs(_finetuned(tiny_pipe, method, **context), _finetuned(tiny_pipe, method, **context, **{name: value})):
             unread.append(name)
     assert not unread, f"{method}: changing these fields did not change the edit: {unread}"
 

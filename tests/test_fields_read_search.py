@@ -38,6 +38,8 @@ VOCAB_FILE = "@vocab"  # replaced by a file written in tmp_path
 # Run-control fields change how a run is executed and stored, never its result (they are left out
 # of the config hash; tests/test_ap.py's resume test and tests/test_finetune.py cover them).
 EXEMPT = {"run_dir", "checkpoint_every", "resume", "keep_checkpoints"}
+# zt_batch_steps: batched z_t equal exact z_t whatever the batch, by design (tests/test_zt_producers.py)
+EXEMPT |= {"zt_batch_steps"}
 
 # field -> (context, probe value): the context's edit and the context + probe's edit must differ.
 COMMON: dict[str, tuple[dict[str, Any], Any]] = {
@@ -47,6 +49,7 @@ COMMON: dict[str, tuple[dict[str, Any], Any]] = {
     "ddim_steps": (BASE, 3),
     "start_guidance": (DDIM, 1.0),
     "zt_producer": (DDIM, "exact"),  # differs once the model moved
+    "zt_pool_size": ({**BASE, "zt_producer": "pooled", "steps": 8}, 1),  # 8 steps need more than 1 trajectory
     "concepts_per_step": (BASE, 2),
     "seed": (BASE, 1),
     "lam": (BASE, 0.5),
@@ -177,6 +180,7 @@ OFF = {
     "search_space": {("stratified",): "nearest"},
     "relaxation": {("topk",): "hard"},
     "search_gradient": {("exact",): "semi"},
+    "zt_producer": {("pooled",): "exact", ("batched",): "exact"},
 }
 
 
@@ -188,7 +192,7 @@ def test_an_option_the_settings_ignore_is_refused(method):
             off = OFF[key][tuple(allowed)]
             if method == "age" and off == "pgd":
                 off = "fixed"  # AGE refuses pgd outright
-            value = PROBES[method][f.name][1] if f.name in PROBES[method] else 1e-3
+            value = PROBES[method][f.name][1] if f.name in PROBES[method] else {"zt_batch_steps": 2}.get(f.name, 1e-3)
             with pytest.raises(ValueError, match=rf"Option `{f.name}` of method '{method}' is not read with"):
                 make_config(method, **{key: off, f.name: value})
             checked += 1

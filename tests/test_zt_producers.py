@@ -143,7 +143,9 @@ def test_resuming_with_another_producer_is_refused(tiny_pipe, tmp_path):
     with pytest.raises(
         ValueError, match=r"zt_producer='exact'.*started with zt_producer='pooled'.*nothing was overwritten"
     ):
-        erasekit.erase(tiny_pipe, EraseRequest(ERASE), method="esd", run_dir=str(run), resume=True, **kw)
+        erasekit.erase(
+            tiny_pipe, EraseRequest(ERASE), method="esd", zt_producer="exact", run_dir=str(run), resume=True, **kw
+        )
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
 
 
