@@ -1,0 +1,312 @@
+"""Closed forms at the speed of their maths: one factorisation per edit, shared by every K/V projection.
+
+Every cross-attention key/value projection of a Stable Diffusion UNet reads the same text
+embeddings ``c`` (768-d for SD 1.x). The closed forms of UCE, RECE and SPEED therefore all have
+the shape ``W_new = W_old M`` (or ``W_old + W_old N``) with ONE (d, d) matrix ``M`` for all 32
+projections:
+
+* **UCE** (RECE paper eq. 3)::
+
+      W = W_old (s_e sum c_i* c_i^T + s_p sum c_j c_j^T + lam I)(s_e sum c_i c_i^T + s_p sum c_j c_j^T + lam I)^-1
+        = W_old M,   M = L R^-1
+
+  so one Cholesky factorisation of the symmetric positive definite ``R`` (lam > 0) and one
+  triangular solve give ``M``; each projection then costs one (out, d) x (d, d) matmul instead of
+  its own (d, d) solve (:func:`uce_factor`, :func:`apply_factor`, :func:`shared_closed_form_edit`,
+  which returns exactly what :func:`erasekit.methods.uce.closed_form_edit` returns).
+* **SPEED** (null-space constrained edit, Li et al. 2025; see :mod:`erasekit.methods.speed`):
+  ``W_new = W + W N`` with ``N`` from :func:`speed_factor`; ``N`` is shared when the retained set
+  (and so the projector ``P``) is shared.
+* **MACE**'s LoRA fusion (Lu et al., CVPR 2024, eq. 8) is per-projection (each LoRA-tuned target
+  differs), but the right-hand Gram matrix is shared: :func:`fusion_closed_form`.
+
+Text encoding is the other cost: :func:`encode_unique` encodes each distinct prompt once, in
+batches, and :func:`aligned_embeddings` is UCE's token alignment on top of it.
+
+This module registers no method; UCE/RECE will call :func:`shared_closed_form_edit` once wired in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from erasekit.pipeline import cross_attention_modules, encode_prompts, last_token_index
+
+
+# ------------------------------------------------------------------------------------- text side
+@torch.no_grad()
+def encode_unique(pipe, prompts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+    """Text-encoder outputs (len(prompts), 77, D) for ``prompts``, each distinct prompt encoded once.
+
+    Prompts are deduplicated (order kept), encoded ``batch_size`` at a time, then scattered back;
+    the result equals :func:`erasekit.pipeline.encode_prompts` up to batched-kernel float rounding.
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("`prompts` is empty: give at least one prompt to encode.")
+    unique = list(dict.fromkeys(prompts))
+    where = {p: i for i, p in enumerate(unique)}
+    chunks = [encode_prompts(pipe, unique[i : i + batch_size]) for i in range(0, len(unique), batch_size)]
+    table = torch.cat(chunks)
+    return table[torch.tensor([where[p] for p in prompts], device=table.device)]
+
+
+def aligned_embeddings(
+    pipe, sources: Sequence[str], targets: Sequence[str], *, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`erasekit.methods.uce.aligned_token_embeddings` with one deduplicated, batched encode.
+
+    Token embeddings of each source and its target from each one's last word token to the end of
+    the padded sequence, cut to equal length and concatenated: (n, D) each, float32.
+    """
+    sources, targets = list(sources), list(targets)
+    if len(sources) != len(targets):
+        raise ValueError(f"`sources` and `targets` must pair up, got {len(sources)} and {len(targets)} prompts.")
+    emb = encode_unique(pipe, sources + targets, batch_size=batch_size)
+    emb_s, emb_t = emb[: len(sources)], emb[len(sources) :]
+    idx = last_token_index(pipe, list(dict.fromkeys(sources + targets)))
+    pos = dict(zip(dict.fromkeys(sources + targets), idx, strict=True))
+    length = emb.shape[1]
+    xs, ys = [], []
+    for k, (s, t) in enumerate(zip(sources, targets, strict=True)):
+        i_s, i_t = pos[s], pos[t]
+        n = length - max(i_s, i_t)
+        xs.append(emb_s[k, i_s : i_s + n])
+        ys.append(emb_t[k, i_t : i_t + n])
+    return torch.cat(xs).float(), torch.cat(ys).float()
+
+
+def last_subject_embeddings(pipe, prompts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+    """The embedding of each prompt's last word token (the "last subject token" SPEED edits): (n, D)."""
+    emb = encode_unique(pipe, prompts, batch_size=batch_size)
+    idx = torch.tensor(last_token_index(pipe, list(prompts)), device=emb.device)
+    return emb[torch.arange(len(idx), device=emb.device), idx].float()
+
+
+# ------------------------------------------------------------------------------------- UCE / RECE
+def gram(x: torch.Tensor, y: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``sum_i y_i x_i^T`` = ``y^T x`` for row-stacked vectors (n, d) -> (d, d) (``y`` defaults to ``x``)."""
+    x = x.to(dtype)
+    return (x if y is None else y.to(dtype)).T @ x
+
+
+def uce_factor(
+    erase_in: torch.Tensor,
+    erase_target: torch.Tensor,
+    preserve: torch.Tensor,
+    *,
+    erase_scale: float = 1.0,
+    preserve_scale: float = 1.0,
+    lamb: float = 0.5,
+    gram_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The (d, d) matrix ``M`` of UCE's minimiser ``W = W_old M`` (RECE eq. 3), in float64.
+
+    ``M = L R^-1`` with ``L = s_e C*^T C + s_p Cp^T Cp + lam I`` and ``R = s_e C^T C + s_p Cp^T Cp
+    + lam I`` (rows of ``erase_in`` = c_i, of ``erase_target`` = c_i*, of ``preserve`` = c_j). The
+    Gram sums run in ``gram_dtype`` (float32: the O(n d^2) part, 3x faster than float64 on a CPU
+    core; the relative rounding is ~1e-7 of the sum), the solve in float64. ``R`` is factored once
+    (Cholesky when lam > 0, LU otherwise). This is the same maths as
+    :func:`erasekit.methods.uce.uce_closed_form` applied to ``W_old = I``.
+    """
+    if erase_in.shape != erase_target.shape:
+        raise ValueError(
+            f"`erase_in` and `erase_target` must have the same shape, got {tuple(erase_in.shape)} and "
+            f"{tuple(erase_target.shape)}."
+        )
+    if lamb < 0 or erase_scale < 0 or preserve_scale < 0:
+        raise ValueError("`lamb`, `erase_scale` and `preserve_scale` must be >= 0.")
+    d = erase_in.shape[1]
+    dev = erase_in.device
+    eye = torch.eye(d, dtype=torch.float64, device=dev)
+    ci = erase_in.to(gram_dtype)
+    cici = (ci.T @ ci).double()
+    ctci = (erase_target.to(gram_dtype).T @ ci).double()
+    pres = gram(preserve, dtype=gram_dtype).double() if preserve.numel() else torch.zeros_like(eye)
+    shared = preserve_scale * pres + lamb * eye
+    left = erase_scale * ctci + shared
+    right = erase_scale * cici + shared
+    right = 0.5 * (right + right.T)
+    # M = L R^-1  <=>  R M^T = L^T (R symmetric)
+    if lamb > 0:
+        chol, info = torch.linalg.cholesky_ex(right)
+        if int(info) == 0:
+            return torch.cholesky_solve(left.T.contiguous(), chol).T
+    return torch.linalg.solve(right, left.T).T
+
+
+def apply_factor(
+    weights: Mapping[str, torch.Tensor], m: torch.Tensor, *, additive: bool = False, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """``W M`` (or ``W + W M`` with ``additive``) for every (out, d) weight in ``weights``.
+
+    The products run in ``dtype`` (default: each weight's own dtype, float32 for SD), one matmul per
+    projection; results are returned in each weight's dtype.
+    """
+    out: dict[str, torch.Tensor] = {}
+    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    for name, w in weights.items():
+        if w.shape[1] != m.shape[0]:
+            raise ValueError(f"Weight {name!r} reads {w.shape[1]}-d inputs, but the factor is {tuple(m.shape)}.")
+        dt = dtype or w.dtype
+        key = (w.device, dt)
+        if key not in cache:
+            cache[key] = m.to(device=w.device, dtype=dt)
+        wd = w.detach().to(dt)
+        prod = wd @ cache[key]
+        out[name] = (wd + prod if additive else prod).to(w.dtype)
+    return out
+
+
+def kv_weights_for(pipe, projections: Sequence[str], weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The cross-attention weights ``unet.<attn2>.<proj>.weight`` of ``pipe`` for ``projections``
+    (a name present in ``weights`` is taken from there instead: RECE's running copy)."""
+    out = {}
+    for mod_name, attn in cross_attention_modules(pipe.unet).items():
+        for proj in projections:
+            name = f"unet.{mod_name}.{proj}.weight"
+            out[name] = weights[name] if weights is not None and name in weights else getattr(attn, proj).weight.detach()
+    return out
+
+
+def shared_closed_form_edit(
+    pipe,
+    erase_in: torch.Tensor,
+    erase_target: torch.Tensor,
+    preserve: torch.Tensor,
+    config,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Drop-in for :func:`erasekit.methods.uce.closed_form_edit` (same arguments, same result to
+    float rounding): one :func:`uce_factor` for the edit, then ``W_old M`` for every projection.
+
+    ``config`` is a :class:`~erasekit.methods.uce.UCEConfig` (``erase_scale``, ``preserve_scale``,
+    ``lamb``, ``projections``). RECE calls it once per epoch with its running ``weights``.
+    """
+    m = uce_factor(
+        erase_in,
+        erase_target,
+        preserve,
+        erase_scale=config.erase_scale,
+        preserve_scale=config.preserve_scale,
+        lamb=config.lamb,
+    )
+    return apply_factor(kv_weights_for(pipe, config.projections, weights), m)
+
+
+# ------------------------------------------------------------------------------------- SPEED
+def nullspace_projector(retain_gram: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """SPEED's projector ``P = U_0 U_0^T`` onto the (approximate) null space of the retained keys.
+
+    ``retain_gram`` is ``K_0 K_0^T`` (d, d) (SPEED uses the mean over retained keys); ``U_0`` holds
+    its eigenvectors with eigenvalue below ``threshold`` (SPEED section 3, after AlphaEdit). Any
+    update ``Delta = X P`` leaves every key in the retained span unchanged: ``Delta k_0 ~ 0``.
+    Returns ``(P, k)`` with ``k`` the null-space dimension. An empty retained set gives ``P = I``.
+    """
+    if threshold <= 0:
+        raise ValueError(f"`threshold` (eigenvalue cut of the null space) must be > 0, got {threshold}.")
+    g = retain_gram.double()
+    evals, evecs = torch.linalg.eigh(0.5 * (g + g.T))
+    u0 = evecs[:, evals < threshold]
+    return u0 @ u0.T, int(u0.shape[1])
+
+
+def speed_factor(
+    target_gram: torch.Tensor,
+    cross_gram: torch.Tensor,
+    projector: torch.Tensor,
+    *,
+    retain_scale: float = 1.0,
+    invariants: torch.Tensor | None = None,
+    iec_lamb: float = 0.0,
+) -> torch.Tensor:
+    """The (d, d) matrix ``N`` of SPEED's edit ``Delta = W N`` (so ``W_new = W + W N``), float64.
+
+    With ``S_tt = sum c_i c_i^T`` (erased keys), ``S_at = sum c_i* c_i^T`` (their anchors),
+    ``R = S_at - S_tt`` and ``M = (S_tt P + r I)^-1`` (``r`` = ``retain_scale``), SPEED's objective
+
+        min_Delta ||(W + Delta) C_1 - W C_1*||^2 + r ||Delta||^2,  Delta = X P  (null-space constraint)
+
+    has the minimiser ``Delta = W R P M`` (AlphaEdit's form). With Invariant Equality Constraints
+    (``invariants`` K_2, rows = keys that must be kept exactly, e.g. the start token and the null
+    text), the Lagrangian of ``Delta K_2 = 0`` adds a correction:
+
+        Delta = W R P (I - M K_2 (K_2^T P M K_2 + lam_iec I)^-1 K_2^T P) M
+
+    (``lam_iec`` = 0 is the exact constraint; a small value regularises a near-singular system).
+    ``tests/test_closed_form.py`` checks both against a brute-force least-squares oracle.
+    """
+    d = target_gram.shape[0]
+    dev = target_gram.device
+    eye = torch.eye(d, dtype=torch.float64, device=dev)
+    s_tt, s_at, p = target_gram.double(), cross_gram.double(), projector.double().to(dev)
+    if retain_scale <= 0:
+        raise ValueError(f"`retain_scale` (weight r of ||Delta||^2) must be > 0, got {retain_scale}.")
+    m = torch.linalg.inv(s_tt @ p + retain_scale * eye)
+    rp = (s_at - s_tt) @ p
+    if invariants is None or invariants.numel() == 0:
+        return rp @ m
+    k2 = invariants.to(device=dev, dtype=torch.float64).T  # (d, q)
+    q = k2.shape[1]
+    inner = k2.T @ p @ m @ k2 + iec_lamb * torch.eye(q, dtype=torch.float64, device=dev)
+    corr = m @ k2 @ torch.linalg.solve(inner, k2.T @ p)
+    return rp @ (eye - corr) @ m
+
+
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 50) -> torch.Tensor:
+    """Lloyd's k-means of the rows of ``x`` (n, d) -> (k, d) centres; deterministic (centres start
+    at evenly spaced rows). SPEED summarises the null text's 76 non-start tokens by 3 centres (IEC)."""
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"`k` must be in [1, {n}] for {n} points, got {k}.")
+    xd = x.double()
+    centres = xd[torch.linspace(0, n - 1, k).round().long()].clone()
+    for _ in range(iters):
+        assign = torch.cdist(xd, centres).argmin(1)
+        new = torch.stack([xd[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+        if torch.allclose(new, centres):
+            break
+        centres = new
+    return centres.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- MACE fusion
+def fusion_closed_form(
+    w_old: torch.Tensor,
+    tuned: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lamb: float,
+    preserve: torch.Tensor | None = None,
+    preserve_scale: float = 0.0,
+) -> torch.Tensor:
+    """MACE eq. 8, the closed-form fusion of several LoRA-tuned copies of one projection:
+
+        min_W  sum_i ||W C_i^T - W_i C_i^T||^2 + lam ||W - W_old||^2 + s_p ||W Cp^T - W_old Cp^T||^2
+        W = (sum_i W_i C_i^T C_i + lam W_old + s_p W_old Cp^T Cp)(sum_i C_i^T C_i + lam I + s_p Cp^T Cp)^-1
+
+    ``tuned`` lists ``(W_i, C_i)``: the projection with LoRA i merged (out, d) and the embeddings
+    of concept i's prompts (n_i, d) it must reproduce. Float64 solve; returned in ``w_old``'s dtype.
+    """
+    if lamb <= 0 and not tuned:
+        raise ValueError("Nothing to fuse: give at least one tuned projection or `lamb` > 0.")
+    d = w_old.shape[1]
+    w0 = w_old.double()
+    left = lamb * w0
+    right = lamb * torch.eye(d, dtype=torch.float64, device=w0.device)
+    for i, (wi, ci) in enumerate(tuned):
+        if wi.shape != w_old.shape or ci.shape[1] != d:
+            raise ValueError(
+                f"Tuned pair {i}: W_i {tuple(wi.shape)} and C_i {tuple(ci.shape)} do not match W_old {tuple(w_old.shape)}."
+            )
+        g = gram(ci)
+        left = left + wi.double() @ g
+        right = right + g
+    if preserve is not None and preserve.numel() and preserve_scale > 0:
+        g = gram(preserve)
+        left = left + preserve_scale * (w0 @ g)
+        right = right + preserve_scale * g
+    return torch.linalg.solve(right, left.T).T.to(w_old.dtype)
