@@ -102,15 +102,15 @@ def uce_factor(
     erase_scale: float = 1.0,
     preserve_scale: float = 1.0,
     lamb: float = 0.5,
-    gram_dtype: torch.dtype = torch.float32,
+    gram_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """The (d, d) matrix ``M`` of UCE's minimiser ``W = W_old M`` (RECE eq. 3), in float64.
 
     ``M = L R^-1`` with ``L = s_e C*^T C + s_p Cp^T Cp + lam I`` and ``R = s_e C^T C + s_p Cp^T Cp
     + lam I`` (rows of ``erase_in`` = c_i, of ``erase_target`` = c_i*, of ``preserve`` = c_j). The
-    Gram sums run in ``gram_dtype`` (float32: the O(n d^2) part, 3x faster than float64 on a CPU
-    core; the relative rounding is ~1e-7 of the sum), the solve in float64. ``R`` is factored once
-    (Cholesky when lam > 0, LU otherwise). This is the same maths as
+    Gram sums run in ``gram_dtype`` and the solve in float64. (float32 Gram sums are ~2x faster but
+    their ~1e-7 rounding is amplified by cond(R), ~1e4 for CLIP keys: 1e-4 errors in W, so float64
+    is the default.) ``R`` is factored once (Cholesky when lam > 0, LU otherwise). This is the same maths as
     :func:`erasekit.methods.uce.uce_closed_form` applied to ``W_old = I``.
     """
     if erase_in.shape != erase_target.shape:
@@ -162,14 +162,18 @@ def apply_factor(
     return out
 
 
-def kv_weights_for(pipe, projections: Sequence[str], weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def kv_weights_for(
+    pipe, projections: Sequence[str], weights: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The cross-attention weights ``unet.<attn2>.<proj>.weight`` of ``pipe`` for ``projections``
     (a name present in ``weights`` is taken from there instead: RECE's running copy)."""
     out = {}
     for mod_name, attn in cross_attention_modules(pipe.unet).items():
         for proj in projections:
             name = f"unet.{mod_name}.{proj}.weight"
-            out[name] = weights[name] if weights is not None and name in weights else getattr(attn, proj).weight.detach()
+            out[name] = (
+                weights[name] if weights is not None and name in weights else getattr(attn, proj).weight.detach()
+            )
     return out
 
 
@@ -199,26 +203,26 @@ def shared_closed_form_edit(
 
 
 # ------------------------------------------------------------------------------------- SPEED
-def nullspace_projector(retain_gram: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
-    """SPEED's projector ``P = U_0 U_0^T`` onto the (approximate) null space of the retained keys.
+def nullspace_basis(retain_gram: torch.Tensor, threshold: float) -> torch.Tensor:
+    """An orthonormal basis ``U_0`` (d, k) of SPEED's (approximate) null space of the retained keys.
 
     ``retain_gram`` is ``K_0 K_0^T`` (d, d) (SPEED uses the mean over retained keys); ``U_0`` holds
-    its eigenvectors with eigenvalue below ``threshold`` (SPEED section 3, after AlphaEdit). Any
-    update ``Delta = X P`` leaves every key in the retained span unchanged: ``Delta k_0 ~ 0``.
-    Returns ``(P, k)`` with ``k`` the null-space dimension. An empty retained set gives ``P = I``.
+    its eigenvectors with eigenvalue below ``threshold`` (SPEED section 3, after AlphaEdit), so the
+    projector is ``P = U_0 U_0^T`` and any update ``Delta = X P`` leaves every key in the retained
+    span unchanged: ``Delta k_0 ~ 0``. ``k`` is the null-space dimension; an all-zero Gram (nothing
+    retained) gives ``U_0 = I``.
     """
     if threshold <= 0:
         raise ValueError(f"`threshold` (eigenvalue cut of the null space) must be > 0, got {threshold}.")
     g = retain_gram.double()
     evals, evecs = torch.linalg.eigh(0.5 * (g + g.T))
-    u0 = evecs[:, evals < threshold]
-    return u0 @ u0.T, int(u0.shape[1])
+    return evecs[:, evals < threshold]
 
 
 def speed_factor(
     target_gram: torch.Tensor,
     cross_gram: torch.Tensor,
-    projector: torch.Tensor,
+    basis: torch.Tensor,
     *,
     retain_scale: float = 1.0,
     invariants: torch.Tensor | None = None,
@@ -227,34 +231,36 @@ def speed_factor(
     """The (d, d) matrix ``N`` of SPEED's edit ``Delta = W N`` (so ``W_new = W + W N``), float64.
 
     With ``S_tt = sum c_i c_i^T`` (erased keys), ``S_at = sum c_i* c_i^T`` (their anchors),
-    ``R = S_at - S_tt`` and ``M = (S_tt P + r I)^-1`` (``r`` = ``retain_scale``), SPEED's objective
+    ``R = S_at - S_tt``, ``P = U_0 U_0^T`` (``basis`` = U_0) and ``r`` = ``retain_scale``, SPEED's
+    null-space constrained objective
 
-        min_Delta ||(W + Delta) C_1 - W C_1*||^2 + r ||Delta||^2,  Delta = X P  (null-space constraint)
+        min_Delta ||(W + Delta) C_1 - W C_1*||^2 + r ||Delta||^2,   Delta = X P
 
-    has the minimiser ``Delta = W R P M`` (AlphaEdit's form). With Invariant Equality Constraints
-    (``invariants`` K_2, rows = keys that must be kept exactly, e.g. the start token and the null
-    text), the Lagrangian of ``Delta K_2 = 0`` adds a correction:
+    has the minimiser ``Delta = W R P (S_tt P + r I)^-1`` (AlphaEdit's form). We compute it in the
+    null-space coordinates, ``Delta = W R U_0 (U_0^T S_tt U_0 + r I)^-1 U_0^T`` (the same matrix;
+    exactly inside the null space even for tiny ``r``, where the (d, d) inverse is ill-conditioned).
+    With Invariant Equality Constraints (``invariants`` K_2, rows = keys kept exactly: the start
+    token and the null text), the Lagrangian of ``Delta K_2 = 0`` gives, with ``B = U_0^T K_2`` and
+    ``M = (U_0^T S_tt U_0 + r I)^-1``,
 
-        Delta = W R P (I - M K_2 (K_2^T P M K_2 + lam_iec I)^-1 K_2^T P) M
+        Delta = W R U_0 (M - M B (B^T M B + lam_iec I)^-1 B^T M) U_0^T
 
-    (``lam_iec`` = 0 is the exact constraint; a small value regularises a near-singular system).
-    ``tests/test_closed_form.py`` checks both against a brute-force least-squares oracle.
+    the authors' ``W R P (I - M K_2 (K_2^T P M K_2 + lam I)^-1 K_2^T P) M`` in these coordinates
+    (``lam_iec`` = 0: the exact constraint). ``tests/test_closed_form.py`` checks both against a
+    brute-force least-squares oracle.
     """
-    d = target_gram.shape[0]
-    dev = target_gram.device
-    eye = torch.eye(d, dtype=torch.float64, device=dev)
-    s_tt, s_at, p = target_gram.double(), cross_gram.double(), projector.double().to(dev)
     if retain_scale <= 0:
         raise ValueError(f"`retain_scale` (weight r of ||Delta||^2) must be > 0, got {retain_scale}.")
-    m = torch.linalg.inv(s_tt @ p + retain_scale * eye)
-    rp = (s_at - s_tt) @ p
-    if invariants is None or invariants.numel() == 0:
-        return rp @ m
-    k2 = invariants.to(device=dev, dtype=torch.float64).T  # (d, q)
-    q = k2.shape[1]
-    inner = k2.T @ p @ m @ k2 + iec_lamb * torch.eye(q, dtype=torch.float64, device=dev)
-    corr = m @ k2 @ torch.linalg.solve(inner, k2.T @ p)
-    return rp @ (eye - corr) @ m
+    dev = target_gram.device
+    s_tt, s_at, u0 = target_gram.double(), cross_gram.double(), basis.double().to(dev)
+    k = u0.shape[1]
+    m = torch.linalg.inv(u0.T @ s_tt @ u0 + retain_scale * torch.eye(k, dtype=torch.float64, device=dev))
+    if invariants is not None and invariants.numel():
+        b = u0.T @ invariants.to(device=dev, dtype=torch.float64).T  # (k, q)
+        inner = b.T @ m @ b + iec_lamb * torch.eye(b.shape[1], dtype=torch.float64, device=dev)
+        mb = m @ b
+        m = m - mb @ torch.linalg.solve(inner, mb.T)
+    return (s_at - s_tt) @ u0 @ m @ u0.T
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 50) -> torch.Tensor:

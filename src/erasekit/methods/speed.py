@@ -63,7 +63,7 @@ from erasekit.methods.closed_form import (
     kmeans,
     kv_weights_for,
     last_subject_embeddings,
-    nullspace_projector,
+    nullspace_basis,
     speed_factor,
 )
 from erasekit.methods.uce import expand
@@ -82,10 +82,15 @@ class SPEEDConfig:
     dpa_samples: int = field(
         default=10, metadata={"help": "Directed Prior Augmentation: perturbed copies per retained key (0 = off)"}
     )
-    iec: bool = field(default=True, metadata={"help": "Invariant Equality Constraints: keep the start token and null text"})
+    iec: bool = field(
+        default=True, metadata={"help": "Invariant Equality Constraints: keep the start token and null text"}
+    )
     iec_clusters: int = field(
         default=3,
-        metadata={"help": "k-means centres summarising the null text's 76 non-start tokens", "used_when": {"iec": (True,)}},
+        metadata={
+            "help": "k-means centres summarising the null text's 76 non-start tokens",
+            "used_when": {"iec": (True,)},
+        },
     )
     iec_lamb: float = field(
         default=0.0,
@@ -93,7 +98,9 @@ class SPEEDConfig:
     )
     tokens: Literal["last_subject", "to_end"] = field(
         default="last_subject",
-        metadata={"help": "keys edited: each prompt's last word token (SPEED) or from it to the end of the sequence (UCE)"},
+        metadata={
+            "help": "keys edited: each prompt's last word token (SPEED) or from it to the end of the sequence (UCE)"
+        },
     )
     scope: Literal["layer", "shared"] = field(
         default="layer",
@@ -103,7 +110,9 @@ class SPEEDConfig:
         default_factory=lambda: ["{}"],
         metadata={"help": "prompt templates each concept is expanded with, e.g. ['{}', 'a picture of a {}']"},
     )
-    projections: tuple[str, ...] = field(default=("to_k", "to_v"), metadata={"help": "cross-attention projections to edit"})
+    projections: tuple[str, ...] = field(
+        default=("to_k", "to_v"), metadata={"help": "cross-attention projections to edit"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of DPA's perturbations"})
 
     def __post_init__(self) -> None:
@@ -153,9 +162,7 @@ def ipf_filter(scores: torch.Tensor) -> torch.Tensor:
     return scores > scores.mean()
 
 
-def dpa_augment(
-    keys: torch.Tensor, direction: torch.Tensor, samples: int, generator: torch.Generator
-) -> torch.Tensor:
+def dpa_augment(keys: torch.Tensor, direction: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
     """DPA: ``samples`` copies ``k + eps (v . 1) v`` of every key ``k`` with ``eps ~ N(0, I)`` projected
     on the unit direction ``v`` (noise @ v v^T): (n * samples, d), float64."""
     v = direction.double() / direction.double().norm()
@@ -272,25 +279,26 @@ def erase_speed(pipe, request: EraseRequest, config: SPEEDConfig, *, generator=N
     def factor_for(ws: list[torch.Tensor], label: str) -> tuple[torch.Tensor, dict[str, int]]:
         keys, stats = retained_for(ws)
         g = keys.T @ keys / max(1, keys.shape[0]) if keys.shape[0] else torch.zeros_like(eye)
-        p, k = nullspace_projector(g, config.threshold)
+        u0 = nullspace_basis(g, config.threshold)
+        k = u0.shape[1]
         stats["null_dim"] = k
         if k < len(request.erase):
             raise ValueError(
-                f"The null space of the retained keys ({label}) has {k} directions, fewer than the "
+                f"The null space of the retained keys ({label}) has {k} direction(s), fewer than the "
                 f"{len(request.erase)} erased concepts: it can hold at most {k}. Raise `threshold` (now "
                 f"{config.threshold}), retain fewer concepts (`preserve`), lower `dpa_samples` (now "
                 f"{config.dpa_samples}) or keep `ipf` on."
             )
         for i, c in enumerate(request.erase):
             rows = c1[bounds[i] : bounds[i + 1]]
-            frac = float((rows.double() @ p).norm() / rows.double().norm().clamp_min(1e-30))
+            frac = float((rows.double() @ u0).norm() / rows.double().norm().clamp_min(1e-30))
             if frac < 1e-3:
                 raise ValueError(
                     f"The erased concept {c!r} lies in the span of the retained keys ({label}; only {frac:.1e} of its "
                     f"key norm is in the null space), so SPEED cannot move it without moving them. Remove its "
                     f"synonyms from `preserve` or raise `threshold`."
                 )
-        n = speed_factor(s_tt, s_at, p, retain_scale=config.retain_scale, invariants=k2, iec_lamb=config.iec_lamb)
+        n = speed_factor(s_tt, s_at, u0, retain_scale=config.retain_scale, invariants=k2, iec_lamb=config.iec_lamb)
         return n, stats
 
     # 3. The null-space edit: per projection (authors) or one factor for all (scope='shared').
@@ -321,6 +329,10 @@ def erase_speed(pipe, request: EraseRequest, config: SPEEDConfig, *, generator=N
             "retain_candidates": candidates or ["<null text tokens>"],
             "retained": layer_stats,
             "invariants": 0 if k2 is None else int(k2.shape[0]),
-            "seconds": {"text": round(t_text, 4), "closed_form": round(seconds - t_text, 4), "total": round(seconds, 4)},
+            "seconds": {
+                "text": round(t_text, 4),
+                "closed_form": round(seconds - t_text, 4),
+                "total": round(seconds, 4),
+            },
         },
     )
