@@ -7,12 +7,15 @@ from erasekit.methods.closed_form import (
     encode_unique,
     fusion_closed_form,
     kmeans,
+    kv_gram,
     nullspace_basis,
     shared_closed_form_edit,
+    shared_derivation_matrix,
     speed_factor,
     uce_factor,
+    uce_factor_lowrank,
 )
-from erasekit.methods.rece import kv_weights
+from erasekit.methods.rece import derivation_matrix, kv_weights
 from erasekit.methods.uce import UCEConfig, aligned_token_embeddings, closed_form_edit, uce_closed_form
 from erasekit.pipeline import encode_prompts
 
@@ -32,6 +35,18 @@ def test_uce_factor_times_w_equals_per_layer_solve(se, sp, lam):
         torch.testing.assert_close(w @ m_, ref, rtol=1e-9, atol=1e-9)
 
 
+def test_uce_lowrank_factor_equals_the_full_factor():
+    d, n = 12, 3
+    ci, ct, cp = _rand(n, d, seed=1), _rand(n, d, seed=2), _rand(4, d, seed=3)
+    for lam in (0.5, 0.0):
+        kw = dict(erase_scale=1.5, preserve_scale=0.7, lamb=lam)
+        if lam == 0.0:
+            cp = _rand(20, d, seed=4)  # R must be invertible without the ridge
+        a, b = uce_factor_lowrank(ci, ct, cp, **kw)
+        full = uce_factor(ci, ct, cp, **kw)
+        torch.testing.assert_close(torch.eye(d, dtype=torch.float64) + a @ b, full, rtol=1e-9, atol=1e-9)
+
+
 def test_shared_factor_edit_equals_todays_per_layer_edit_for_every_projection(tiny_pipe, one_thread):
     erased, targets, preserved = ["triangle", "a star"], ["", ""], ["square", "a red ring"]
     c_in, c_t = aligned_token_embeddings(tiny_pipe, erased, targets)
@@ -42,6 +57,11 @@ def test_shared_factor_edit_equals_todays_per_layer_edit_for_every_projection(ti
         assert today.keys() == shared.keys() and len(today) == 7 * len(cfg.projections)
         for k in today:
             torch.testing.assert_close(shared[k], today[k], rtol=1e-5, atol=1e-6)
+    # few erased rows (< d/2): the low-rank path W + (W A) B
+    today = closed_form_edit(tiny_pipe, c_in[:5], c_t[:5], c_p, UCEConfig())
+    shared = shared_closed_form_edit(tiny_pipe, c_in[:5], c_t[:5], c_p, UCEConfig())
+    for k in today:
+        torch.testing.assert_close(shared[k], today[k], rtol=1e-5, atol=1e-6)
     # RECE's running copy: a weight taken from `weights` instead of the pipeline
     running = {k: v + 0.01 for k, v in kv_weights(tiny_pipe.unet).items()}
     today = closed_form_edit(tiny_pipe, c_in, c_t, c_p, UCEConfig(), weights=running)
@@ -163,3 +183,12 @@ def test_kmeans_finds_separated_clusters():
     assert (dist < 0.2).all()
     with pytest.raises(ValueError, match="`k`"):
         kmeans(x, 0)
+
+
+def test_shared_derivation_matrix_equals_rece_eq8():
+    d = 6
+    ws = {f"w{i}": _rand(3 + i, d, seed=i) for i in range(4)}
+    m = torch.eye(d, dtype=torch.float64) + 0.3 * _rand(d, d, seed=9)
+    for lam in (0.1, 1e-3):
+        ref = derivation_matrix(list(ws.values()), [w @ m for w in ws.values()], lam)
+        torch.testing.assert_close(shared_derivation_matrix(kv_gram(ws), m, lam), ref, rtol=1e-8, atol=1e-10)

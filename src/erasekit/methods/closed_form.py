@@ -120,23 +120,50 @@ def uce_factor(
         )
     if lamb < 0 or erase_scale < 0 or preserve_scale < 0:
         raise ValueError("`lamb`, `erase_scale` and `preserve_scale` must be >= 0.")
+    right, left = _uce_system(erase_in, erase_target, preserve, erase_scale, preserve_scale, lamb, gram_dtype)
+    return _solve_sym(right, left.T, lamb).T  # M = L R^-1  <=>  R M^T = L^T (R symmetric)
+
+
+def _uce_system(erase_in, erase_target, preserve, erase_scale, preserve_scale, lamb, gram_dtype):
+    """``(R, L)`` of RECE eq. 3 in float64 (see :func:`uce_factor`)."""
     d = erase_in.shape[1]
-    dev = erase_in.device
-    eye = torch.eye(d, dtype=torch.float64, device=dev)
+    eye = torch.eye(d, dtype=torch.float64, device=erase_in.device)
     ci = erase_in.to(gram_dtype)
     cici = (ci.T @ ci).double()
     ctci = (erase_target.to(gram_dtype).T @ ci).double()
     pres = gram(preserve, dtype=gram_dtype).double() if preserve.numel() else torch.zeros_like(eye)
     shared = preserve_scale * pres + lamb * eye
-    left = erase_scale * ctci + shared
     right = erase_scale * cici + shared
-    right = 0.5 * (right + right.T)
-    # M = L R^-1  <=>  R M^T = L^T (R symmetric)
+    return 0.5 * (right + right.T), erase_scale * ctci + shared
+
+
+def _solve_sym(a: torch.Tensor, b: torch.Tensor, lamb: float) -> torch.Tensor:
+    """``a^-1 b`` for a symmetric ``a``: Cholesky when positive definite (lam > 0), LU otherwise."""
     if lamb > 0:
-        chol, info = torch.linalg.cholesky_ex(right)
+        chol, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
-            return torch.cholesky_solve(left.T.contiguous(), chol).T
-    return torch.linalg.solve(right, left.T).T
+            return torch.cholesky_solve(b.contiguous(), chol)
+    return torch.linalg.solve(a, b)
+
+
+def uce_factor_lowrank(
+    erase_in: torch.Tensor,
+    erase_target: torch.Tensor,
+    preserve: torch.Tensor,
+    *,
+    erase_scale: float = 1.0,
+    preserve_scale: float = 1.0,
+    lamb: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """UCE's factor as ``M = I + A B`` with ``A = s_e (C* - C)^T`` (d, n) and ``B = C R^-1`` (n, d).
+
+    ``L - R = s_e (C* - C)^T C``, so ``M - I = (L - R) R^-1`` has rank <= n (the erased rows): for
+    n < d/2, ``W_old + (W_old A) B`` costs 4 n d out flops per projection instead of 2 d^2 out.
+    """
+    right, _ = _uce_system(erase_in, erase_target, preserve, erase_scale, preserve_scale, lamb, torch.float64)
+    a = erase_scale * (erase_target.double() - erase_in.double()).T
+    b = _solve_sym(right, erase_in.double().T, lamb).T  # C R^-1 (R symmetric)
+    return a, b
 
 
 def apply_factor(
@@ -159,6 +186,20 @@ def apply_factor(
         wd = w.detach().to(dt)
         prod = wd @ cache[key]
         out[name] = (wd + prod if additive else prod).to(w.dtype)
+    return out
+
+
+def apply_lowrank(
+    weights: Mapping[str, torch.Tensor], a: torch.Tensor, b: torch.Tensor, *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """``W + (W a) b`` for every (out, d) weight (``a`` (d, r), ``b`` (r, d)): ``W (I + a b)`` at O(r d out)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        if w.shape[1] != a.shape[0]:
+            raise ValueError(f"Weight {name!r} reads {w.shape[1]}-d inputs, but the factor is {tuple(a.shape)}.")
+        dt = dtype or w.dtype
+        wd = w.detach().to(dt)
+        out[name] = (wd + (wd @ a.to(device=w.device, dtype=dt)) @ b.to(device=w.device, dtype=dt)).to(w.dtype)
     return out
 
 
@@ -189,17 +230,42 @@ def shared_closed_form_edit(
     float rounding): one :func:`uce_factor` for the edit, then ``W_old M`` for every projection.
 
     ``config`` is a :class:`~erasekit.methods.uce.UCEConfig` (``erase_scale``, ``preserve_scale``,
-    ``lamb``, ``projections``). RECE calls it once per epoch with its running ``weights``.
+    ``lamb``, ``projections``). RECE calls it once per epoch with its running ``weights``. With
+    fewer erased rows than d/2 it applies the low-rank form :func:`uce_factor_lowrank`.
     """
-    m = uce_factor(
-        erase_in,
-        erase_target,
-        preserve,
-        erase_scale=config.erase_scale,
-        preserve_scale=config.preserve_scale,
-        lamb=config.lamb,
-    )
-    return apply_factor(kv_weights_for(pipe, config.projections, weights), m)
+    kw = dict(erase_scale=config.erase_scale, preserve_scale=config.preserve_scale, lamb=config.lamb)
+    ws = kv_weights_for(pipe, config.projections, weights)
+    if erase_in.shape[0] < erase_in.shape[1] // 2:  # few erased rows: M - I has low rank
+        return apply_lowrank(ws, *uce_factor_lowrank(erase_in, erase_target, preserve, **kw))
+    return apply_factor(ws, uce_factor(erase_in, erase_target, preserve, **kw))
+
+
+def kv_gram(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``G = sum_i W_i^T W_i`` (d, d) over the projections, float64: computed once per edit for RECE."""
+    g = None
+    for w in weights.values():
+        w64 = w.detach().double()
+        g = w64.T @ w64 if g is None else g + w64.T @ w64
+    if g is None:
+        raise ValueError("`weights` is empty: no projection to sum over.")
+    return g
+
+
+def shared_derivation_matrix(g_orig: torch.Tensor, m_total: torch.Tensor, lamb: float) -> torch.Tensor:
+    """RECE eq. 8 when every edited projection is ``W_new_i = W_old_i M`` with one ``M`` (all of
+    UCE's and RECE's epochs compose shared factors, ``M = M_1 M_2 ...``):
+
+        (lamb I + sum W_new^T W_new)^-1 sum W_new^T W_old = (lamb I + M^T G M)^-1 M^T G,  G = sum W_old^T W_old
+
+    so each RECE epoch costs a few (d, d) products instead of two passes over all 32 projections
+    (equals :func:`erasekit.methods.rece.derivation_matrix`; tested).
+    """
+    if lamb < 0:
+        raise ValueError(f"`lamb` (lambda of RECE eq. 7) must be >= 0, got {lamb}.")
+    g, m = g_orig.double(), m_total.double()
+    mtg = m.T @ g
+    a = lamb * torch.eye(g.shape[0], dtype=torch.float64, device=g.device) + mtg @ m
+    return torch.linalg.solve(0.5 * (a + a.T), mtg)
 
 
 # ------------------------------------------------------------------------------------- SPEED
@@ -249,10 +315,27 @@ def speed_factor(
     (``lam_iec`` = 0: the exact constraint). ``tests/test_closed_form.py`` checks both against a
     brute-force least-squares oracle.
     """
+    u0, m = speed_inner(target_gram, basis, retain_scale=retain_scale, invariants=invariants, iec_lamb=iec_lamb)
+    return ((cross_gram.double() - target_gram.double()) @ u0) @ m @ u0.T
+
+
+def speed_inner(
+    target_gram: torch.Tensor,
+    basis: torch.Tensor,
+    *,
+    retain_scale: float = 1.0,
+    invariants: torch.Tensor | None = None,
+    iec_lamb: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_0, M')`` with ``M' = M - M B (B^T M B + lam I)^-1 B^T M`` (k, k), so that SPEED's
+    ``N = R U_0 M' U_0^T`` (:func:`speed_factor`). Multiply left to right, ``((X U_0) M') U_0^T``:
+    ``M'`` is ill-conditioned for tiny ``r`` and forming ``U_0 M' U_0^T`` first leaks it into the
+    retained span. With ``R = (C* - C)^T C / n`` of rank <= n, ``Delta = (W A)(C U_0 M' U_0^T)``
+    with ``A = (C* - C)^T / n`` is the cheap form for few erased keys."""
     if retain_scale <= 0:
         raise ValueError(f"`retain_scale` (weight r of ||Delta||^2) must be > 0, got {retain_scale}.")
     dev = target_gram.device
-    s_tt, s_at, u0 = target_gram.double(), cross_gram.double(), basis.double().to(dev)
+    s_tt, u0 = target_gram.double(), basis.double().to(dev)
     k = u0.shape[1]
     m = torch.linalg.inv(u0.T @ s_tt @ u0 + retain_scale * torch.eye(k, dtype=torch.float64, device=dev))
     if invariants is not None and invariants.numel():
@@ -260,7 +343,7 @@ def speed_factor(
         inner = b.T @ m @ b + iec_lamb * torch.eye(b.shape[1], dtype=torch.float64, device=dev)
         mb = m @ b
         m = m - mb @ torch.linalg.solve(inner, mb.T)
-    return (s_at - s_tt) @ u0 @ m @ u0.T
+    return u0, m
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 50) -> torch.Tensor:

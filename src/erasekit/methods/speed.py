@@ -59,12 +59,14 @@ from erasekit.edit import Edit, EraseRequest
 from erasekit.methods.base import register
 from erasekit.methods.closed_form import (
     aligned_embeddings,
+    apply_factor,
+    apply_lowrank,
     encode_unique,
     kmeans,
     kv_weights_for,
     last_subject_embeddings,
     nullspace_basis,
-    speed_factor,
+    speed_inner,
 )
 from erasekit.methods.uce import expand
 from erasekit.pipeline import base_info, last_token_index
@@ -172,10 +174,17 @@ def dpa_augment(keys: torch.Tensor, direction: torch.Tensor, samples: int, gener
 
 
 def least_read_direction(weights: list[torch.Tensor]) -> torch.Tensor:
-    """The unit input direction the stacked ``weights`` read least: the eigenvector of
-    ``sum W^T W`` with the smallest eigenvalue (for one W, its last right singular vector)."""
-    g = sum(w.double().T @ w.double() for w in weights)
-    return torch.linalg.eigh(g).eigenvectors[:, 0]
+    """The unit input direction the ``weights`` read least (float64, (d,)).
+
+    One (out, d) ``W``: the right singular vector of its smallest singular value in the reduced SVD
+    (the smallest of min(out, d); the authors' ``torch.svd(W)`` column ``V[:, -1]``). Several: the
+    eigenvector of ``sum W^T W`` with the smallest eigenvalue (the stacked matrix's last right
+    singular vector). Computed in float32: only a direction is needed.
+    """
+    if len(weights) == 1:
+        return torch.linalg.svd(weights[0].detach().float(), full_matrices=False).Vh[-1].double()
+    g = sum(w.detach().float().T @ w.detach().float() for w in weights)
+    return torch.linalg.eigh(g.double()).eigenvectors[:, 0]
 
 
 def _keys(pipe, prompts: list[str], targets: list[str], tokens: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +285,7 @@ def erase_speed(pipe, request: EraseRequest, config: SPEEDConfig, *, generator=N
         stats["retained"] = int(keys.shape[0])
         return keys, stats
 
-    def factor_for(ws: list[torch.Tensor], label: str) -> tuple[torch.Tensor, dict[str, int]]:
+    def factor_for(ws: list[torch.Tensor], label: str) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, int]]:
         keys, stats = retained_for(ws)
         g = keys.T @ keys / max(1, keys.shape[0]) if keys.shape[0] else torch.zeros_like(eye)
         u0 = nullspace_basis(g, config.threshold)
@@ -298,24 +307,31 @@ def erase_speed(pipe, request: EraseRequest, config: SPEEDConfig, *, generator=N
                     f"key norm is in the null space), so SPEED cannot move it without moving them. Remove its "
                     f"synonyms from `preserve` or raise `threshold`."
                 )
-        n = speed_factor(s_tt, s_at, u0, retain_scale=config.retain_scale, invariants=k2, iec_lamb=config.iec_lamb)
-        return n, stats
+        q = speed_inner(s_tt, u0, retain_scale=config.retain_scale, invariants=k2, iec_lamb=config.iec_lamb)
+        return q, stats
+
+    # Delta = W R Q with R = (C* - C)^T C / n: applied as (W A)(C Q) when the erased rows are few
+    lowrank = c1.shape[0] < d // 2
+    a_fac = (ct.double() - c1.double()).T / len(erased)  # (d, rows)
+
+    def apply(ws: dict[str, torch.Tensor], q: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        u0, m = q
+        if lowrank:
+            return apply_lowrank(ws, a_fac, ((c1.double() @ u0) @ m) @ u0.T)
+        return apply_factor(ws, ((s_at - s_tt) @ u0) @ m @ u0.T, additive=True)
 
     # 3. The null-space edit: per projection (authors) or one factor for all (scope='shared').
     tensors: dict[str, torch.Tensor] = {}
     layer_stats: dict[str, dict[str, int]] = {}
     if config.scope == "shared":
-        n, stats = factor_for([weights[k] for k in names], "all projections")
+        q, stats = factor_for([weights[k] for k in names], "all projections")
         layer_stats["shared"] = stats
-        for name in names:
-            w = weights[name]
-            tensors[name] = (w.double() + w.double() @ n).to(w.dtype)
+        tensors = apply(weights, q)
     else:
         for name in names:
-            w = weights[name]
-            n, stats = factor_for([w], name)
+            q, stats = factor_for([weights[name]], name)
             layer_stats[name] = stats
-            tensors[name] = (w.double() + w.double() @ n).to(w.dtype)
+            tensors.update(apply({name: weights[name]}, q))
     seconds = time.perf_counter() - t0
     return Edit(
         tensors=tensors,
