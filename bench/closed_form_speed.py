@@ -22,7 +22,8 @@ Rows:
 
 "text" is the time inside the text-encoding functions, "closed form" the time inside the solve
 functions (for SPEED: everything after encoding, from the edit's trace), "total" the wall time of
-``erasekit.erase``.
+``erasekit.erase``; each also as process CPU time (the ``_cpu`` columns: on a shared machine the
+wall time mostly measures the other processes).
 
     python bench/closed_form_speed.py --threads 1            # 1, 10, 100 concepts
     python bench/closed_form_speed.py --threads 1 --n 1,10 --rows uce,uce-shared
@@ -110,11 +111,12 @@ def timed(
 
     def wrap(fn: Callable, bucket: str) -> Callable:
         def inner(*a: Any, **k: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 clock[bucket] += time.perf_counter() - t0
+                clock[f"{bucket}_cpu"] += time.process_time() - c0
 
         return inner
 
@@ -131,7 +133,7 @@ def run_row(pipe, row: str, request: EraseRequest) -> dict[str, float]:
     """Time one method on ``request``: {"text", "closed_form", "total"} seconds (+ extras)."""
     clock: dict[str, float] = defaultdict(float)
     shared = {"aligned_token_embeddings": cf.aligned_embeddings, "closed_form_edit": cf.shared_closed_form_edit}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if row in ("uce", "uce-shared"):
         names = {"aligned_token_embeddings": "text", "closed_form_edit": "closed_form"}
         with timed(uce_mod, names, clock, shared if row == "uce-shared" else None):
@@ -152,14 +154,18 @@ def run_row(pipe, row: str, request: EraseRequest) -> dict[str, float]:
         )
         clock["text"] = edit.trace["seconds"]["text"]
         clock["closed_form"] = edit.trace["seconds"]["closed_form"]
+        clock["text_cpu"] = edit.trace["seconds"]["text_cpu"]
+        clock["closed_form_cpu"] = edit.trace["seconds"]["closed_form_cpu"]
     clock["total"] = time.perf_counter() - t0
+    clock["total_cpu"] = time.process_time() - c0
     if row == "rece-shared":  # what eq. 8 costs with shared factors: G once, then (d, d) work per derivation
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         g = cf.kv_gram(rece_mod.kv_weights(pipe.unet))
         m = torch.eye(768, dtype=torch.float64)
         for _ in range(int(clock["derivation_calls"])):
             cf.shared_derivation_matrix(g, m, 0.1)
         clock["shared_derivation"] = time.perf_counter() - t1
+        clock["shared_derivation_cpu"] = time.process_time() - c1
     return {k: round(v, 3) for k, v in clock.items()}
 
 
@@ -171,7 +177,10 @@ def request_for(n: int, n_preserve: int) -> EraseRequest:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    head = "| concepts | method | text (s) | closed form (s) | total (s) | notes |\n|---|---|---|---|---|---|\n"
+    head = (
+        "| concepts | method | text (s) | closed form (s) | total (s) | text CPU (s) | closed form CPU (s) | "
+        "total CPU (s) | notes |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for key, r in results["cells"].items():
         n, row = key.split("|")

@@ -4,6 +4,7 @@ import torch
 from erasekit.methods.closed_form import (
     aligned_embeddings,
     apply_factor,
+    cross_gram,
     encode_unique,
     fusion_closed_form,
     kmeans,
@@ -192,3 +193,11 @@ def test_shared_derivation_matrix_equals_rece_eq8():
     for lam in (0.1, 1e-3):
         ref = derivation_matrix(list(ws.values()), [w @ m for w in ws.values()], lam)
         torch.testing.assert_close(shared_derivation_matrix(kv_gram(ws), m, lam), ref, rtol=1e-8, atol=1e-10)
+
+
+def test_cross_gram_with_repeated_targets():
+    x = _rand(12, 5)
+    t = _rand(3, 5, seed=1)[torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 2, 2, 2])]
+    torch.testing.assert_close(cross_gram(t, x), t.T @ x)
+    t2 = _rand(12, 5, seed=2)  # all distinct: the plain product
+    torch.testing.assert_close(cross_gram(t2, x), t2.T @ x)

@@ -60,7 +60,7 @@ def test_speed_defaults_ipf_dpa_and_trace(tiny_pipe, one_thread):
     )
     stats = next(iter(edit.trace["retained"].values()))
     assert stats["candidates"] == 4 and 1 <= stats["after_ipf"] < 4 and stats["retained"] > stats["after_ipf"]
-    assert set(edit.trace["seconds"]) == {"text", "closed_form", "total"}
+    assert {"text", "closed_form", "total", "text_cpu", "closed_form_cpu"} == set(edit.trace["seconds"])
     fast = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), method="speed", preset="fast", progress=False)
     assert list(fast.trace["retained"]) == ["shared"] and fast.config["scope"] == "shared"
     # deterministic

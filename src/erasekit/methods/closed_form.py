@@ -130,11 +130,25 @@ def _uce_system(erase_in, erase_target, preserve, erase_scale, preserve_scale, l
     eye = torch.eye(d, dtype=torch.float64, device=erase_in.device)
     ci = erase_in.to(gram_dtype)
     cici = (ci.T @ ci).double()
-    ctci = (erase_target.to(gram_dtype).T @ ci).double()
+    ctci = cross_gram(erase_target.to(gram_dtype), ci).double()
     pres = gram(preserve, dtype=gram_dtype).double() if preserve.numel() else torch.zeros_like(eye)
     shared = preserve_scale * pres + lamb * eye
     right = erase_scale * cici + shared
     return 0.5 * (right + right.T), erase_scale * ctci + shared
+
+
+def cross_gram(targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """``sum_i t_i x_i^T`` = ``T^T X`` (d, d), summing the inputs of identical target rows first.
+
+    Many erased prompts share one anchor (UCE's default anchor is ""), so their target rows repeat
+    exactly: ``T^T X = U^T (S X)`` with ``U`` the distinct target rows and ``S X`` the inputs summed
+    per distinct target, O(n d) instead of O(n d^2) when few targets are distinct."""
+    uniq, inverse = torch.unique(targets, dim=0, return_inverse=True)
+    if uniq.shape[0] * 2 > targets.shape[0]:
+        return targets.T @ inputs
+    summed = torch.zeros(uniq.shape[0], inputs.shape[1], dtype=inputs.dtype, device=inputs.device)
+    summed.index_add_(0, inverse, inputs)
+    return uniq.T @ summed
 
 
 def _solve_sym(a: torch.Tensor, b: torch.Tensor, lamb: float) -> torch.Tensor:

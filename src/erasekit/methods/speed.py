@@ -244,7 +244,7 @@ def erase_speed(pipe, request: EraseRequest, config: SPEEDConfig, *, generator=N
     are erased concepts, or when an erased concept's keys lie in the retained span. Deterministic
     given ``config.seed`` (``generator`` is unused).
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     # 1. Prompts and text embeddings (one deduplicated, batched encode per group).
     erased = expand(request.erase, config.templates)
     targets = [" ".join(t.format(request.target).split()) for _ in request.erase for t in config.templates]
@@ -257,7 +257,7 @@ def erase_speed(pipe, request: EraseRequest, config: SPEEDConfig, *, generator=N
     else:
         retain = null[1:]  # the authors' default retained set: the null text's tokens
     k2 = torch.cat([null[:1], kmeans(null[1:], config.iec_clusters)]) if config.iec else None
-    t_text = time.perf_counter() - t0
+    t_text, c_text = time.perf_counter() - t0, time.process_time() - c0
 
     # 2. The erase statistics (shared by every projection) and the unconstrained edit N_0.
     s_tt, s_at = _mean_grams(c1, ct, len(erased))
@@ -332,7 +332,7 @@ def erase_speed(pipe, request: EraseRequest, config: SPEEDConfig, *, generator=N
             q, stats = factor_for([weights[name]], name)
             layer_stats[name] = stats
             tensors.update(apply({name: weights[name]}, q))
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return Edit(
         tensors=tensors,
         method="speed",
@@ -349,6 +349,8 @@ def erase_speed(pipe, request: EraseRequest, config: SPEEDConfig, *, generator=N
                 "text": round(t_text, 4),
                 "closed_form": round(seconds - t_text, 4),
                 "total": round(seconds, 4),
+                "text_cpu": round(c_text, 4),
+                "closed_form_cpu": round(cpu - c_text, 4),
             },
         },
     )
