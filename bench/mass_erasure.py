@@ -51,6 +51,9 @@ ROWS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "rece": ("rece", {}),
     "speed": ("speed", {}),
     "speed-fast": ("speed", {"preset": "fast"}),
+    # added after the default SPEED (keys = last subject token) erased nothing on split 0: the same
+    # method with UCE's keys (last word token to the end of the sequence)
+    "speed-to-end": ("speed", {"tokens": "to_end"}),
     "mace": ("mace", {}),
 }
 LABELS = {
@@ -59,6 +62,7 @@ LABELS = {
     "rece": "RECE",
     "speed": "SPEED",
     "speed-fast": "SPEED (shared)",
+    "speed-to-end": "SPEED (to_end keys)",
     "mace": "MACE",
 }
 ALL16 = [*OBJECTS, UNSAFE, *ARTISTS]
@@ -84,7 +88,10 @@ def run_cell(pipe, row: str, task: str, args, detector, sampling) -> dict[str, A
     edit, seconds = None, 0.0
     if method is not None:
         t0 = time.perf_counter()
-        edit = erasekit.erase(pipe, request, method=method, preset=preset, progress=not args.quiet, **kw)
+        try:
+            edit = erasekit.erase(pipe, request, method=method, preset=preset, progress=not args.quiet, **kw)
+        except ValueError as e:  # e.g. SPEED's null space too small: a result, recorded
+            return {"error": str(e), "erase": request.erase, "preserve": request.preserve}
         seconds = time.perf_counter() - t0
     with edit_applied(pipe, edit) if edit is not None else nullcontext():
         res = evaluate(
@@ -121,6 +128,10 @@ def summarise(results: dict[str, Any]) -> str:
     ]
     for row in ROWS:
         cells = [results["cells"][f"{row}|{s}"] for s in range(4) if f"{row}|{s}" in results["cells"]]
+        errors = [c["error"] for c in cells if "error" in c]
+        cells = [c for c in cells if "error" not in c]
+        if errors:
+            lines.append(f"| {LABELS[row]} | refused on {len(errors)} split(s): {errors[0][:160]} | | | | | |")
         if not cells:
             continue
         out = [LABELS[row]]
@@ -138,6 +149,9 @@ def summarise(results: dict[str, Any]) -> str:
     for row in ROWS:
         c = results["cells"].get(f"{row}|all16")
         if c is None:
+            continue
+        if "error" in c:
+            lines.append(f"| {LABELS[row]} | refused: {c['error'][:160]} | | | |")
             continue
         lines.append(
             f"| {LABELS[row]} | {100 * c['esr_1']:.1f} | {100 * c['esr_3']:.1f} | {100 * c['colour_top1_all']:.1f} | "
