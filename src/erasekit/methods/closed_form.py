@@ -124,7 +124,15 @@ def uce_factor(
     return _solve_sym(right, left.T, lamb).T  # M = L R^-1  <=>  R M^T = L^T (R symmetric)
 
 
-def _uce_system(erase_in, erase_target, preserve, erase_scale, preserve_scale, lamb, gram_dtype):
+def _uce_system(
+    erase_in: torch.Tensor,
+    erase_target: torch.Tensor,
+    preserve: torch.Tensor,
+    erase_scale: float,
+    preserve_scale: float,
+    lamb: float,
+    gram_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R, L)`` of RECE eq. 3 in float64 (see :func:`uce_factor`)."""
     d = erase_in.shape[1]
     eye = torch.eye(d, dtype=torch.float64, device=erase_in.device)

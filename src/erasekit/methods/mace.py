@@ -202,7 +202,16 @@ class AttentionProbe:
         self.mask: torch.Tensor | None = None  # (1, 1, H, W) float
         self.records: list[torch.Tensor] = []
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kw: object,
+    ) -> torch.Tensor:
+        """Standard attention (no mask: cross-attention over 77 tokens), recording ``A[:, M, positions]``."""
         b, n, _ = hidden_states.shape
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
