@@ -61,7 +61,7 @@ def test_mace_lora_lowers_the_masked_attention_and_fusion_is_the_lstsq_solution(
     for c in ("triangle", "star"):
         log = edit.trace["lora_losses"][c]
         assert log["steps"] == 8 and log["last"] < log["first"]
-    # the fused projection solves MACE eq. 8: check the first one against torch.linalg.lstsq
+    # the fused projection solves the fusion objective: check the first one against torch.linalg.lstsq
     w_old, tuned, kw = seen["call"]
     assert len(tuned) == 2 and kw["preserve"] is None
     d = w_old.shape[1]

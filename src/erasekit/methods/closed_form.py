@@ -17,7 +17,7 @@ projections:
 * **SPEED** (null-space constrained edit, Li et al. 2025; see :mod:`erasekit.methods.speed`):
   ``W_new = W + W N`` with ``N`` from :func:`speed_factor`; ``N`` is shared when the retained set
   (and so the projector ``P``) is shared.
-* **MACE**'s LoRA fusion (Lu et al., CVPR 2024, eq. 8) is per-projection (each LoRA-tuned target
+* **MACE**'s LoRA fusion (Lu et al., CVPR 2024, its multi-LoRA fusion) is per-projection (each LoRA-tuned target
   differs), but the right-hand Gram matrix is shared: :func:`fusion_closed_form`.
 
 Text encoding is the other cost: :func:`encode_unique` encodes each distinct prompt once, in
@@ -394,7 +394,7 @@ def fusion_closed_form(
     preserve: torch.Tensor | None = None,
     preserve_scale: float = 0.0,
 ) -> torch.Tensor:
-    """MACE eq. 8, the closed-form fusion of several LoRA-tuned copies of one projection:
+    """MACE's closed-form fusion of several LoRA-tuned copies of one projection (authors' ``fuse_lora_close_form.py``):
 
         min_W  sum_i ||W C_i^T - W_i C_i^T||^2 + lam ||W - W_old||^2 + s_p ||W Cp^T - W_old Cp^T||^2
         W = (sum_i W_i C_i^T C_i + lam W_old + s_p W_old Cp^T Cp)(sum_i C_i^T C_i + lam I + s_p Cp^T Cp)^-1
