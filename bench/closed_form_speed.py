@@ -32,6 +32,7 @@ wall time mostly measures the other processes).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
 from collections import defaultdict
@@ -182,14 +183,19 @@ def markdown(results: dict[str, Any]) -> str:
         "total CPU (s) | notes |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    for key, r in results["cells"].items():
+    order = sorted(results["cells"], key=lambda k: (int(k.split("|")[0]), ROWS.index(k.split("|")[1])))
+    for key in order:
+        r = results["cells"][key]
         n, row = key.split("|")
         note = (
-            f"shared eq. 8: {r['shared_derivation']:.3f} s for {int(r['derivation_calls'])}"
+            f"shared eq. 8: {r['shared_derivation_cpu']:.3f} s CPU for the {int(r['derivation_calls'])} derivations"
             if "shared_derivation" in r
             else ""
         )
-        lines.append(f"| {n} | {row} | {r['text']:.2f} | {r['closed_form']:.3f} | {r['total']:.2f} | {note} |")
+        lines.append(
+            f"| {n} | {row} | {r['text']:.2f} | {r['closed_form']:.3f} | {r['total']:.2f} | {r['text_cpu']:.2f} | "
+            f"{r['closed_form_cpu']:.3f} | {r['total_cpu']:.2f} | {note} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -200,7 +206,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows from {list(ROWS)}")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results/closed-form-speed")
+    p.add_argument("--render", action="store_true", help="only rewrite the markdown table from --out/results.json")
     args = p.parse_args(argv)
+    if args.render:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        write_text_atomic(Path(args.out) / "closed_form_speed.md", markdown(results))
+        print(markdown(results))
+        return results
     torch.set_num_threads(args.threads)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = sorted(set(rows) - set(ROWS))
