@@ -52,21 +52,24 @@ def test_shared_factor_edit_equals_todays_per_layer_edit_for_every_projection(ti
     erased, targets, preserved = ["triangle", "a star"], ["", ""], ["square", "a red ring"]
     c_in, c_t = aligned_token_embeddings(tiny_pipe, erased, targets)
     c_p, _ = aligned_token_embeddings(tiny_pipe, preserved, preserved)
-    for cfg in (UCEConfig(), UCEConfig(erase_scale=2.0, preserve_scale=0.3, lamb=0.1, projections=("to_v",))):
+    for cfg in (
+        UCEConfig(preserve_scale=1.0),
+        UCEConfig(erase_scale=2.0, preserve_scale=0.3, lamb=0.1, projections=("to_v",)),
+    ):
         today = closed_form_edit(tiny_pipe, c_in, c_t, c_p, cfg)
         shared = shared_closed_form_edit(tiny_pipe, c_in, c_t, c_p, cfg)
         assert today.keys() == shared.keys() and len(today) == 7 * len(cfg.projections)
         for k in today:
             torch.testing.assert_close(shared[k], today[k], rtol=1e-5, atol=1e-6)
     # few erased rows (< d/2): the low-rank path W + (W A) B
-    today = closed_form_edit(tiny_pipe, c_in[:5], c_t[:5], c_p, UCEConfig())
-    shared = shared_closed_form_edit(tiny_pipe, c_in[:5], c_t[:5], c_p, UCEConfig())
+    today = closed_form_edit(tiny_pipe, c_in[:5], c_t[:5], c_p, UCEConfig(preserve_scale=1.0))
+    shared = shared_closed_form_edit(tiny_pipe, c_in[:5], c_t[:5], c_p, UCEConfig(preserve_scale=1.0))
     for k in today:
         torch.testing.assert_close(shared[k], today[k], rtol=1e-5, atol=1e-6)
     # RECE's running copy: a weight taken from `weights` instead of the pipeline
     running = {k: v + 0.01 for k, v in kv_weights(tiny_pipe.unet).items()}
-    today = closed_form_edit(tiny_pipe, c_in, c_t, c_p, UCEConfig(), weights=running)
-    shared = shared_closed_form_edit(tiny_pipe, c_in, c_t, c_p, UCEConfig(), weights=running)
+    today = closed_form_edit(tiny_pipe, c_in, c_t, c_p, UCEConfig(preserve_scale=1.0), weights=running)
+    shared = shared_closed_form_edit(tiny_pipe, c_in, c_t, c_p, UCEConfig(preserve_scale=1.0), weights=running)
     for k in today:
         torch.testing.assert_close(shared[k], today[k], rtol=1e-5, atol=1e-6)
 
