@@ -335,6 +335,23 @@ def test_evaluate_job_matches_the_protocol(shapes_run, one_thread):
         assert f'data-metric="{k}">{ref[k]:.4f}<' in job.result["html"]
 
 
+def test_export_job_writes_a_lora_that_equals_the_edit(shapes_run, one_thread):
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    runs, pipe, edit = shapes_run
+    assert core.export_formats() == ("diffusers", "lora", "kohya", "unet")
+    q = core.JobQueue("shapes", workers=1)
+    job = q.wait(q.submit("export", "x", core.export_job(runs, "uce-tri", "lora")), 300)
+    assert job.status == "done", job.error
+    with zipfile.ZipFile(job.result["file"]) as z:
+        assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(z.namelist())
+    (out,) = (runs / "uce-tri" / "exports").glob("lora-*")
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("unet.") for k in lora)  # the peft keys stock load_lora_weights reads
+
+
 @pytest.mark.slow
 def test_erase_job_runs_the_cli_on_the_miniature(tmp_path):
     runs = tmp_path / "runs"
