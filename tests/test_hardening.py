@@ -273,3 +273,23 @@ def test_overwrite_drops_the_previous_runs_derived_outputs(tmp_path):
 def test_every_command_group_turns_library_errors_into_exit_2(tmp_path):
     res = CliRunner().invoke(app, ["world", "check", "--model", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output
+
+
+def test_hide_refuses_a_used_key_dir_and_one_inside_the_run(tmp_path):
+    from erasekit.methods.hide import check_key_dir
+
+    used = tmp_path / "keys" / "a"
+    used.mkdir(parents=True)
+    (used / "key.json").write_text("{}")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        check_key_dir(used)
+    check_key_dir(tmp_path / "keys" / "b", tmp_path / "run")  # new and outside the run: fine
+    runner = CliRunner()
+    for key_dir, msg in [(used, "not empty"), (tmp_path / "run" / "key", "inside the run directory")]:
+        res = runner.invoke(
+            app,
+            ["erase", "--method", "hide", "--erase", "triangle", "--set", f"key_dir={key_dir}", "--out", str(tmp_path / "run")],
+        )
+        assert res.exit_code == 2 and msg in res.output, res.output
+        assert not (tmp_path / "run").exists()
+    assert (used / "key.json").read_text() == "{}"

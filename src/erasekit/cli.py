@@ -246,6 +246,10 @@ def erase(
         request = EraseRequest(_split(erase), _split(preserve), anchor)
         overrides = parse_overrides(spec.config_class, set_ or [])
         config = make_config(method, preset, **overrides)
+        if getattr(config, "key_dir", None):  # hiding: the secret key must not be lost nor shipped
+            from erasekit.methods.hide import check_key_dir
+
+            check_key_dir(config.key_dir, out)
         pipe = load_pipeline(model, device=device)
         _warn_split_words(pipe, request.erase + request.preserve)
         with run_dir(out, overwrite=overwrite) as d:

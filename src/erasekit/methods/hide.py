@@ -352,7 +352,26 @@ def erase_hide(
             "Method 'hide' needs `key_dir`: the folder for the secret recovery key, kept apart from the edit "
             "(or call erasekit.methods.hide.hide(...) to get the key in memory)."
         )
+    check_key_dir(config.key_dir)
     return hide(pipe, request, config, generator=generator, progress=progress)[0]
+
+
+def check_key_dir(key_dir: str | Path, run_dir: str | Path | None = None) -> None:
+    """Refuse a ``key_dir`` that already holds files (another edit's key would be overwritten and that
+    edit's hidden concept lost for good) or that lies inside ``run_dir``, the folder that is shipped."""
+    d = Path(key_dir)
+    if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        raise ValueError(
+            f"`key_dir` {str(d)!r} already exists and is not empty (it may hold another edit's recovery key, "
+            "which would be lost); choose a new key_dir."
+        )
+    if run_dir is not None:
+        run, key = Path(run_dir).resolve(), d.resolve()
+        if key == run or run in key.parents:
+            raise ValueError(
+                f"`key_dir` {str(d)!r} is inside the run directory {str(run_dir)!r}, which is what gets shipped; "
+                "the recovery key is a secret: put it elsewhere, e.g. --set key_dir=keys/NAME."
+            )
 
 
 # ------------------------------------------------------------------------------------------ stage 2: recovery
