@@ -293,3 +293,15 @@ def test_hide_refuses_a_used_key_dir_and_one_inside_the_run(tmp_path):
         assert res.exit_code == 2 and msg in res.output, res.output
         assert not (tmp_path / "run").exists()
     assert (used / "key.json").read_text() == "{}"
+
+
+def test_every_protocol_is_found_whatever_was_imported_first():
+    import subprocess as sp
+
+    code = (
+        "from erasekit.eval.protocols import get_protocol\n"
+        "print(get_protocol('shapes-attack').__module__, get_protocol('i2p').__module__)"
+    )
+    out = sp.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["erasekit.attacks.asr", "erasekit.eval.real_protocols"]

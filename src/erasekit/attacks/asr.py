@@ -26,7 +26,7 @@ from erasekit.attacks.base import AttackResult, get_attack, make_attack_config, 
 from erasekit.eval.detectors import Detector, load_detector
 from erasekit.eval.generate import SamplingConfig
 from erasekit.eval.metrics import _in_topk, attack_success_rate
-from erasekit.eval.protocols import register_protocol
+from erasekit.eval.registry import register_protocol
 from erasekit.world.shapes import BACKGROUNDS, COLOURS, OBJECTS, UNSAFE
 
 DEFAULT_ATTACKS = ("inversion", "unlearndiff", "ringabell", "paraphrase")

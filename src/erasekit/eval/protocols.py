@@ -9,7 +9,7 @@ classes and PSR-k over the preserved ones with the miniature detector's object h
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,27 +19,8 @@ import numpy as np
 from erasekit.eval.detectors import Detector, load_detector
 from erasekit.eval.generate import PromptItem, SamplingConfig, generate, generate_images, load_images
 from erasekit.eval.metrics import _in_topk, esr_k, psr_k, rate_summary
+from erasekit.eval.registry import PROTOCOLS, get_protocol, register_protocol  # noqa: F401 (re-exported)
 from erasekit.world.shapes import COLOURS, OBJECTS
-
-ProtocolFn = Callable[..., dict[str, Any]]
-PROTOCOLS: dict[str, ProtocolFn] = {}
-
-
-def register_protocol(name: str) -> Callable[[ProtocolFn], ProtocolFn]:
-    """Register an evaluation protocol under ``name``."""
-
-    def deco(fn: ProtocolFn) -> ProtocolFn:
-        PROTOCOLS[name] = fn
-        return fn
-
-    return deco
-
-
-def get_protocol(name: str) -> ProtocolFn:
-    """Look a protocol up by name, with a helpful error."""
-    if name not in PROTOCOLS:
-        raise ValueError(f"Unknown protocol {name!r}; available: {', '.join(sorted(PROTOCOLS))}.")
-    return PROTOCOLS[name]
 
 
 def object_prompts(classes: Sequence[str] = OBJECTS, n_per_class: int = 50, seed: int = 0) -> list[PromptItem]:
@@ -133,6 +114,3 @@ def evaluate(pipe, protocol: str = "shapes-objects", **kwargs: Any) -> dict[str,
     """Run the named protocol on ``pipe``; see each protocol for its keyword arguments."""
     return get_protocol(protocol)(pipe, **kwargs)
 
-
-# The real-model protocols (imagenette, i2p, artists, coco) register themselves on import.
-from erasekit.eval import real_protocols as _real_protocols  # noqa: E402, F401

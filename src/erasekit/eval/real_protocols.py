@@ -42,8 +42,9 @@ from erasekit.eval.prompt_files import (
     imagenette_items,
     prompts_info,
 )
-from erasekit.eval.protocols import register_protocol, topk_table
+from erasekit.eval.protocols import topk_table
 from erasekit.eval.real_detectors import EXPOSED_LABELS, NER_THRESHOLDS, PART_THRESHOLD, nudity_summary
+from erasekit.eval.registry import register_protocol
 from erasekit.eval.runtime import runtime_info
 from erasekit.io import write_json_atomic
 
