@@ -96,14 +96,14 @@ def format_table(concept: str, before: dict[str, Any], after: dict[str, Any], t_
         lo, hi = iv["ci95"]
         return f"{100 * res[key]:>8.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}] {iv['successes']:>4}/{iv['n']:<4}"
 
-    lines += ["", f"  {'metric':<26} {'original (95% CI, count)':>33} {'edited (95% CI, count)':>33}"]
+    lines += ["", f"  {'metric':<28} {'original (95% CI, count)':>34} {'edited (95% CI, count)':>34}"]
     for label, key in (
         ("ESR-1 (erased, higher=gone)", "esr_1"),
         ("ESR-3", "esr_3"),
         ("PSR-1 (other nine)", "psr_1"),
         ("PSR-3", "psr_3"),
     ):
-        lines.append(f"  {label:<26} {cell(before, key)} {cell(after, key)}")
+        lines.append(f"  {label:<28} {cell(before, key)} {cell(after, key)}")
     return "\n".join(lines)
 
 
