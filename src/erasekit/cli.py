@@ -234,48 +234,45 @@ def erase(
     from erasekit.methods.base import make_config
     from erasekit.runs import parse_overrides, run_dir, write_run_config
 
-    try:
-        spec = get_method(method)
-        if report:  # parsed before the (long) erase, so a bad value fails first
-            from erasekit.eval.distributed import parse_seeds
+    spec = get_method(method)
+    if report:  # parsed before the (long) erase, so a bad value fails first
+        from erasekit.eval.distributed import parse_seeds
 
-            try:
-                grid_seeds = parse_seeds(report_seeds)
-            except ValueError as e:
-                raise ValueError(str(e).replace("`--seeds", "`--report-seeds")) from None
-        request = EraseRequest(_split(erase), _split(preserve), anchor)
-        overrides = parse_overrides(spec.config_class, set_ or [])
-        config = make_config(method, preset, **overrides)
-        if getattr(config, "key_dir", None):  # hiding: the secret key must not be lost nor shipped
-            from erasekit.methods.hide import check_key_dir
+        try:
+            grid_seeds = parse_seeds(report_seeds)
+        except ValueError as e:
+            raise ValueError(str(e).replace("`--seeds", "`--report-seeds")) from None
+    request = EraseRequest(_split(erase), _split(preserve), anchor)
+    overrides = parse_overrides(spec.config_class, set_ or [])
+    config = make_config(method, preset, **overrides)
+    if getattr(config, "key_dir", None):  # hiding: the secret key must not be lost nor shipped
+        from erasekit.methods.hide import check_key_dir
 
-            check_key_dir(config.key_dir, out)
-        pipe = load_pipeline(model, device=device)
-        _warn_split_words(pipe, request.erase + request.preserve)
-        with run_dir(out, overwrite=overwrite) as d:
-            t0 = time.time()
-            with warnings.catch_warnings():
-                warnings.simplefilter("default")
-                edit = erasekit_erase(
-                    pipe, request, method, config, generator=torch.Generator().manual_seed(seed), progress=True
-                )
-            seconds = time.time() - t0
-            edit.save(d)
-            write_run_config(
-                d,
-                method=method,
-                config=edit.config,
-                request=edit.metadata()["request"],
-                base=edit.base,
-                seed=seed,
-                seconds=seconds,
+        check_key_dir(config.key_dir, out)
+    pipe = load_pipeline(model, device=device)
+    _warn_split_words(pipe, request.erase + request.preserve)
+    with run_dir(out, overwrite=overwrite) as d:
+        t0 = time.time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            edit = erasekit_erase(
+                pipe, request, method, config, generator=torch.Generator().manual_seed(seed), progress=True
             )
-        if report:
-            from erasekit.report.run_report import build_run_report
+        seconds = time.time() - t0
+        edit.save(d)
+        write_run_config(
+            d,
+            method=method,
+            config=edit.config,
+            request=edit.metadata()["request"],
+            base=edit.base,
+            seed=seed,
+            seconds=seconds,
+        )
+    if report:
+        from erasekit.report.run_report import build_run_report
 
-            page = build_run_report(out, pipe=pipe, seeds=grid_seeds)
-    except ERRORS as e:
-        _fail(e)
+        page = build_run_report(out, pipe=pipe, seeds=grid_seeds)
     typer.echo(f"{method} erased {request.erase} in {seconds:.2f} s; {len(edit.tensors)} tensors changed -> {out}")
     if report:
         typer.echo(f"report: {page}")
@@ -303,21 +300,18 @@ def report_cmd(
     from erasekit.eval.generate import SamplingConfig
     from erasekit.report.run_report import build_run_report
 
-    try:
-        sampling = SamplingConfig(steps, guidance) if steps is not None or guidance is not None else None
-        page = build_run_report(
-            run,
-            model=model,
-            seeds=parse_seeds(seeds),
-            preserve=_split(preserve) or None,
-            sampling=sampling,
-            prompt_template=prompt_template,
-            recovery_key=recovery_key,
-            rece_model=rece_model,
-            out=out,
-        )
-    except ERRORS as e:
-        _fail(e)
+    sampling = SamplingConfig(steps, guidance) if steps is not None or guidance is not None else None
+    page = build_run_report(
+        run,
+        model=model,
+        seeds=parse_seeds(seeds),
+        preserve=_split(preserve) or None,
+        sampling=sampling,
+        prompt_template=prompt_template,
+        recovery_key=recovery_key,
+        rece_model=rece_model,
+        out=out,
+    )
     typer.echo(f"report: {page}")
 
 
@@ -379,56 +373,53 @@ def generate(
     from erasekit.eval.distributed import items_from_args, launch_generation, parse_seeds
     from erasekit.eval.generate import PromptItem, SamplingConfig
 
-    try:
-        if protocol not in PROMPT_FORMATS:
-            raise ValueError(
-                f"Unknown --protocol {protocol!r} for generate; choose one of {', '.join(PROMPT_FORMATS)}."
-            )
-        items: list[PromptItem] = []
-        if prompts is not None or protocol != "lines":  # the file reader (imagenette also runs without a file)
-            args = SimpleNamespace(
-                protocol=protocol,
-                prompts=prompts,
-                seeds=seeds,
-                category=_split(category) or None,
-                guidance_from_file=guidance_from_file,
-                limit=limit,
-                n_samples=n_samples,
-                n_per_class=n_per_class,
-                classes=classes,
-                seed=seed,
-            )
-            items = items_from_args(args)
-        if prompt:
-            if protocol != "lines":
-                raise ValueError(f"--prompt goes with --protocol lines (the default), not {protocol!r}.")
-            items += [PromptItem(t, s) for t in prompt for s in parse_seeds(seeds)]
-        if not items:
-            raise ValueError(f"No prompts: pass --prompt TEXT (repeatable) or --prompts FILE (--protocol {protocol}).")
-        sampling = SamplingConfig(steps, guidance, batch_size, height, width)
-        runtime = dict(
-            dtype=dtype, device=device, attention_slicing=attention_slicing, no_sdpa=no_sdpa, scheduler=scheduler
+    if protocol not in PROMPT_FORMATS:
+        raise ValueError(
+            f"Unknown --protocol {protocol!r} for generate; choose one of {', '.join(PROMPT_FORMATS)}."
         )
-        extra = {"command": "generate", "protocol": protocol, "prompts": str(prompts.resolve()) if prompts else None}
-        if recovery_key is None:
-            records = launch_generation(
-                model,
-                items,
-                out,
-                sampling,
-                edit=edit,
-                dtype=dtype,
-                device=device,
-                attention_slicing=attention_slicing,
-                sdpa=False if no_sdpa else None,
-                scheduler=scheduler,
-                progress=not quiet,
-                extra=extra,
-            )
-        else:
-            records = _generate_with_key(model, edit, recovery_key, items, out, sampling, runtime, not quiet, extra)
-    except ERRORS as e:
-        _fail(e)
+    items: list[PromptItem] = []
+    if prompts is not None or protocol != "lines":  # the file reader (imagenette also runs without a file)
+        args = SimpleNamespace(
+            protocol=protocol,
+            prompts=prompts,
+            seeds=seeds,
+            category=_split(category) or None,
+            guidance_from_file=guidance_from_file,
+            limit=limit,
+            n_samples=n_samples,
+            n_per_class=n_per_class,
+            classes=classes,
+            seed=seed,
+        )
+        items = items_from_args(args)
+    if prompt:
+        if protocol != "lines":
+            raise ValueError(f"--prompt goes with --protocol lines (the default), not {protocol!r}.")
+        items += [PromptItem(t, s) for t in prompt for s in parse_seeds(seeds)]
+    if not items:
+        raise ValueError(f"No prompts: pass --prompt TEXT (repeatable) or --prompts FILE (--protocol {protocol}).")
+    sampling = SamplingConfig(steps, guidance, batch_size, height, width)
+    runtime = dict(
+        dtype=dtype, device=device, attention_slicing=attention_slicing, no_sdpa=no_sdpa, scheduler=scheduler
+    )
+    extra = {"command": "generate", "protocol": protocol, "prompts": str(prompts.resolve()) if prompts else None}
+    if recovery_key is None:
+        records = launch_generation(
+            model,
+            items,
+            out,
+            sampling,
+            edit=edit,
+            dtype=dtype,
+            device=device,
+            attention_slicing=attention_slicing,
+            sdpa=False if no_sdpa else None,
+            scheduler=scheduler,
+            progress=not quiet,
+            extra=extra,
+        )
+    else:
+        records = _generate_with_key(model, edit, recovery_key, items, out, sampling, runtime, not quiet, extra)
     if records is not None:  # rank 0 (or the only process)
         typer.echo(f"{len(records)} images in {out} (index: {out / 'index.jsonl'})")
 
@@ -564,66 +555,63 @@ def evaluate(
     from erasekit.eval.runtime import configure_pipeline, runtime_info
     from erasekit.io import write_json_atomic
 
-    try:
-        fn = get_protocol(protocol)
-        accepts = inspect.signature(fn).parameters
-        own_metrics = fn.__module__ == real_protocols.__name__  # these write out/metrics.json themselves
-        options = {  # protocol keyword -> (flag, value or None when not given)
-            "preserve": ("--preserve", _split(preserve) or None),
-            "prompts": ("--prompts", prompts),
-            "n_per_class": ("--n-per-class", n_per_class),
-            "seed": ("--seed", seed),
-            "categories": ("--category", _split(category) or None),
-            "guidance_from_file": ("--guidance-from-file", guidance_from_file or None),
-            "limit": ("--limit", limit),
-            "n_samples": ("--n-samples", n_samples),
-            "reference": ("--reference-model", reference_model),
-            "reference_dir": ("--reference-dir", reference_dir),
-            "reference_images": ("--reference-images", reference_images),
-            "clip": ("--clip", clip),
-            "lpips": ("--no-lpips", True if no_lpips else None),
-            "features": ("--no-fid", True if no_fid else None),
-            "erase": ("--erase", _split(erase) or None),
-        }
-        for name, (flag, value) in options.items():
-            if value is not None and name not in accepts:
-                raise ValueError(f"{flag} does not apply to protocol {protocol!r}.")
-        kwargs = {name: value for name, (_, value) in options.items() if value is not None}
-        if "erase" in accepts and "erase" not in kwargs and edit is not None:
-            kwargs["erase"] = Edit.load(edit).request.erase
-        for name in ("lpips", "features"):  # --no-lpips / --no-fid
-            if kwargs.pop(name, None):
-                kwargs[name] = None
-        dev = _device(device)
-        if "device" in accepts:  # where the protocol's scorers run
-            kwargs["device"] = dev
-        pipe = _load_configured(model, edit, dtype, device, attention_slicing, no_sdpa, scheduler)
-        if reference_model is not None:
-            ref = load_pipeline(reference_model)
-            sdpa = False if no_sdpa else None
-            kwargs["reference"] = configure_pipeline(ref, dtype, attention_slicing, dev, sdpa=sdpa, scheduler=scheduler)
-        sampling = SamplingConfig(steps, guidance, batch_size, height, width)
-        out_dir = out if own_metrics else (out / "images" if out else None)
-        res = run(pipe, protocol, out_dir=out_dir, sampling=sampling, **kwargs)
+    fn = get_protocol(protocol)
+    accepts = inspect.signature(fn).parameters
+    own_metrics = fn.__module__ == real_protocols.__name__  # these write out/metrics.json themselves
+    options = {  # protocol keyword -> (flag, value or None when not given)
+        "preserve": ("--preserve", _split(preserve) or None),
+        "prompts": ("--prompts", prompts),
+        "n_per_class": ("--n-per-class", n_per_class),
+        "seed": ("--seed", seed),
+        "categories": ("--category", _split(category) or None),
+        "guidance_from_file": ("--guidance-from-file", guidance_from_file or None),
+        "limit": ("--limit", limit),
+        "n_samples": ("--n-samples", n_samples),
+        "reference": ("--reference-model", reference_model),
+        "reference_dir": ("--reference-dir", reference_dir),
+        "reference_images": ("--reference-images", reference_images),
+        "clip": ("--clip", clip),
+        "lpips": ("--no-lpips", True if no_lpips else None),
+        "features": ("--no-fid", True if no_fid else None),
+        "erase": ("--erase", _split(erase) or None),
+    }
+    for name, (flag, value) in options.items():
+        if value is not None and name not in accepts:
+            raise ValueError(f"{flag} does not apply to protocol {protocol!r}.")
+    kwargs = {name: value for name, (_, value) in options.items() if value is not None}
+    if "erase" in accepts and "erase" not in kwargs and edit is not None:
+        kwargs["erase"] = Edit.load(edit).request.erase
+    for name in ("lpips", "features"):  # --no-lpips / --no-fid
+        if kwargs.pop(name, None):
+            kwargs[name] = None
+    dev = _device(device)
+    if "device" in accepts:  # where the protocol's scorers run
+        kwargs["device"] = dev
+    pipe = _load_configured(model, edit, dtype, device, attention_slicing, no_sdpa, scheduler)
+    if reference_model is not None:
+        ref = load_pipeline(reference_model)
+        sdpa = False if no_sdpa else None
+        kwargs["reference"] = configure_pipeline(ref, dtype, attention_slicing, dev, sdpa=sdpa, scheduler=scheduler)
+    sampling = SamplingConfig(steps, guidance, batch_size, height, width)
+    out_dir = out if own_metrics else (out / "images" if out else None)
+    res = run(pipe, protocol, out_dir=out_dir, sampling=sampling, **kwargs)
+    if out:
+        recorded = {k: v for k, v in kwargs.items() if k != "reference"}
+        _record(
+            out,
+            "evaluate",
+            protocol=protocol,
+            model=model,
+            edit=str(edit) if edit else None,
+            reference_model=reference_model,
+            options=recorded,
+            sampling=asdict(sampling.resolved(pipe)),
+            runtime=runtime_info(pipe),
+        )
+    if not own_metrics:
+        res.update(model=model, edit=str(edit) if edit else None)
         if out:
-            recorded = {k: v for k, v in kwargs.items() if k != "reference"}
-            _record(
-                out,
-                "evaluate",
-                protocol=protocol,
-                model=model,
-                edit=str(edit) if edit else None,
-                reference_model=reference_model,
-                options=recorded,
-                sampling=asdict(sampling.resolved(pipe)),
-                runtime=runtime_info(pipe),
-            )
-        if not own_metrics:
-            res.update(model=model, edit=str(edit) if edit else None)
-            if out:
-                write_json_atomic(out / "metrics.json", res)
-    except ERRORS as e:
-        _fail(e)
+            write_json_atomic(out / "metrics.json", res)
     typer.echo(
         json.dumps({k: v for k, v in res.items() if k not in ("per_class", "per_artist")}, indent=2, default=str)
     )
@@ -638,10 +626,7 @@ def demo(
     """Erase one object from the miniature with UCE, evaluate before/after, write report.html."""
     from erasekit.demo import run_demo
 
-    try:
-        run_demo(out, concept=concept, n_per_class=n_per_class)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(e)
+    run_demo(out, concept=concept, n_per_class=n_per_class)
 
 
 @app.command()
@@ -661,26 +646,23 @@ def attack(
     from erasekit import Edit, load_pipeline
     from erasekit.attacks.asr import DEFAULT_ATTACKS, run_attacks
 
-    try:
-        texts = None
-        if prompts is not None:
-            if not prompts.exists():
-                raise FileNotFoundError(f"`--prompts` file {str(prompts)!r} does not exist.")
-            texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-        original = load_pipeline(model)
-        edited = Edit.load(edit).apply_(load_pipeline(model))
-        res = run_attacks(
-            edited,
-            original,
-            concept,
-            _split(attacks) or DEFAULT_ATTACKS,
-            prompts=texts,
-            n_images=n_images,
-            seed=seed,
-            out_dir=out,
-        )
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(e)
+    texts = None
+    if prompts is not None:
+        if not prompts.exists():
+            raise FileNotFoundError(f"`--prompts` file {str(prompts)!r} does not exist.")
+        texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+    original = load_pipeline(model)
+    edited = Edit.load(edit).apply_(load_pipeline(model))
+    res = run_attacks(
+        edited,
+        original,
+        concept,
+        _split(attacks) or DEFAULT_ATTACKS,
+        prompts=texts,
+        n_images=n_images,
+        seed=seed,
+        out_dir=out,
+    )
     typer.echo(json.dumps(res, indent=2, default=str))
 
 
@@ -724,35 +706,32 @@ def recover(
     from erasekit.methods.hide import KEY_META, RecoverConfig, RecoveryKey
     from erasekit.methods.hide import recover as run
 
-    try:
-        cfg = _config(
-            RecoverConfig,
-            rho=rho,
-            epochs=steps,
-            lr=lr,
-            n_tokens=n_tokens,
-            ddim_steps=ddim_steps,
-            start_guidance=start_guidance,
-            seed=seed,
+    cfg = _config(
+        RecoverConfig,
+        rho=rho,
+        epochs=steps,
+        lr=lr,
+        n_tokens=n_tokens,
+        ddim_steps=ddim_steps,
+        start_guidance=start_guidance,
+        seed=seed,
+    )
+    edit_dir, key_dir = edit.resolve(), out.resolve()
+    if key_dir == edit_dir or edit_dir in key_dir.parents:
+        raise ValueError(
+            f"--out {str(out)!r} is inside the edit's folder; the recovery key is a secret: keep it apart from the edit."
         )
-        edit_dir, key_dir = edit.resolve(), out.resolve()
-        if key_dir == edit_dir or edit_dir in key_dir.parents:
-            raise ValueError(
-                f"--out {str(out)!r} is inside the edit's folder; the recovery key is a secret: keep it apart from the edit."
-            )
-        if (out / KEY_META).exists() and not overwrite:
-            raise FileExistsError(
-                f"{str(out)!r} already holds a recovery key; pass --overwrite or choose another --out."
-            )
-        the_edit = Edit.load(edit)
-        pipe = load_pipeline(model, device=device)
-        start = RecoveryKey.load(init, edit=the_edit, pipe=pipe) if init is not None else None
-        key = run(pipe, the_edit, cfg, concepts=_split(concept) or None, init=start)
-        config = {"recover": asdict(cfg), "edit": str(edit), "model": model, "init": str(init) if init else None}
-        key = replace(key, meta={**key.meta, "config": config})
-        key.save(out)
-    except ERRORS as e:
-        _fail(e)
+    if (out / KEY_META).exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(out)!r} already holds a recovery key; pass --overwrite or choose another --out."
+        )
+    the_edit = Edit.load(edit)
+    pipe = load_pipeline(model, device=device)
+    start = RecoveryKey.load(init, edit=the_edit, pipe=pipe) if init is not None else None
+    key = run(pipe, the_edit, cfg, concepts=_split(concept) or None, init=start)
+    config = {"recover": asdict(cfg), "edit": str(edit), "model": model, "init": str(init) if init else None}
+    key = replace(key, meta={**key.meta, "config": config})
+    key.save(out)
     dist = key.meta["distance_from_concept"]
     typer.echo(f"recovery key for {key.concepts} -> {out} (final loss {key.meta['final_loss']}, distance {dist})")
 
@@ -783,27 +762,24 @@ def analyze_spectrum(
     from erasekit.analysis import ClipScorer, SpectrumConfig, run_spectra
     from erasekit.analysis.spectrum import json_safe
 
-    try:
-        cfg = _config(
-            SpectrumConfig,
-            n_seeds=n_seeds,
-            first_seed=first_seed,
-            prompt_template=prompt_template,
-            score_template=score_template,
-            steps=steps,
-            guidance_scale=guidance,
-            batch_size=batch_size,
-        )
-        edits = _edits(edit)
-        pipe = load_pipeline(model, device=device)
-        names = _concepts(concepts, vocabulary, pipe)
-        scorer = ClipScorer.from_pretrained(clip, device=device)
-        spectra = run_spectra(pipe, edits, names, scorer, cfg, out, top=top)
-        _record(
-            out, "analyze-spectrum", model=model, edits=edit, clip=clip, vocabulary=vocabulary, concepts=names, top=top
-        )
-    except ERRORS as e:
-        _fail(e)
+    cfg = _config(
+        SpectrumConfig,
+        n_seeds=n_seeds,
+        first_seed=first_seed,
+        prompt_template=prompt_template,
+        score_template=score_template,
+        steps=steps,
+        guidance_scale=guidance,
+        batch_size=batch_size,
+    )
+    edits = _edits(edit)
+    pipe = load_pipeline(model, device=device)
+    names = _concepts(concepts, vocabulary, pipe)
+    scorer = ClipScorer.from_pretrained(clip, device=device)
+    spectra = run_spectra(pipe, edits, names, scorer, cfg, out, top=top)
+    _record(
+        out, "analyze-spectrum", model=model, edits=edit, clip=clip, vocabulary=vocabulary, concepts=names, top=top
+    )
     summary = {label: s.summary() for label, s in spectra.items()}
     typer.echo(json.dumps(json_safe(summary), indent=2))
     typer.echo(f"spectra, plots and spectrum.html in {out}")
@@ -844,38 +820,35 @@ def analyze_graph(
     from erasekit.analysis import ClipScorer, SpectrumConfig, run_graph
     from erasekit.analysis.spectrum import json_safe
 
-    try:
-        if distance not in ("clip", "text-encoder"):
-            raise ValueError(f"--distance must be clip or text-encoder, got {distance!r}.")
-        if not 0 < quantile < 1:
-            raise ValueError(f"--quantile must be in (0, 1), got {quantile}.")
-        cfg = _config(
-            SpectrumConfig,
-            n_seeds=n_seeds,
-            first_seed=first_seed,
-            prompt_template=prompt_template,
-            steps=steps,
-            guidance_scale=guidance,
-            batch_size=batch_size,
-        )
-        edits = _edits(edit)
-        pipe = load_pipeline(model, device=device)
-        names = _concepts(concepts, vocabulary, pipe)
-        scorer = ClipScorer.from_pretrained(clip, device=device)
-        source = pipe if distance == "text-encoder" else None
-        graph, dist = run_graph(pipe, edits, names, scorer, cfg, out, distance_source=source, quantile=quantile)
-        _record(
-            out,
-            "analyze-graph",
-            model=model,
-            edits=edit,
-            clip=clip,
-            distance=distance,
-            quantile=quantile,
-            concepts=names,
-        )
-    except ERRORS as e:
-        _fail(e)
+    if distance not in ("clip", "text-encoder"):
+        raise ValueError(f"--distance must be clip or text-encoder, got {distance!r}.")
+    if not 0 < quantile < 1:
+        raise ValueError(f"--quantile must be in (0, 1), got {quantile}.")
+    cfg = _config(
+        SpectrumConfig,
+        n_seeds=n_seeds,
+        first_seed=first_seed,
+        prompt_template=prompt_template,
+        steps=steps,
+        guidance_scale=guidance,
+        batch_size=batch_size,
+    )
+    edits = _edits(edit)
+    pipe = load_pipeline(model, device=device)
+    names = _concepts(concepts, vocabulary, pipe)
+    scorer = ClipScorer.from_pretrained(clip, device=device)
+    source = pipe if distance == "text-encoder" else None
+    graph, dist = run_graph(pipe, edits, names, scorer, cfg, out, distance_source=source, quantile=quantile)
+    _record(
+        out,
+        "analyze-graph",
+        model=model,
+        edits=edit,
+        clip=clip,
+        distance=distance,
+        quantile=quantile,
+        concepts=names,
+    )
     typer.echo(json.dumps(json_safe(graph.properties(dist, quantile)), indent=2, default=str))
     typer.echo(f"graph.json, graph_heatmap.png and graph.html in {out}")
 
@@ -915,41 +888,38 @@ def analyze_diff(
     from erasekit.eval.distributed import parse_seeds
     from erasekit.eval.generate import SamplingConfig
 
-    try:
-        if (edit is None) == (edited_model is None):
-            raise ValueError("Pass exactly one of --edit (an edit of --model) and --edited-model (a second pipeline).")
-        cfg = _config(
-            DiffConfig,
-            lam=lam,
-            changed=changed,
-            n_samples=n_samples,
-            first_seed=first_seed,
-            ddim_steps=ddim_steps,
-            guidance_scale=latent_guidance,
-            latents=latents,
-            prompt_template=prompt_template,
-            batch_size=batch_size,
-        )
-        seeds = parse_seeds(image_seeds) if image_seeds.strip() else []
-        edited = Edit.load(edit) if edit is not None else load_pipeline(edited_model, device=device)
-        pipe = load_pipeline(model, device=device)
-        space = _concepts(concepts, vocabulary, pipe)
-        result = run_diff(
-            pipe, edited, space, cfg, out, top=top, image_seeds=seeds, sampling=SamplingConfig(steps, guidance)
-        )
-        _record(
-            out,
-            "analyze-diff",
-            model=model,
-            edit=str(edit) if edit else None,
-            edited_model=edited_model,
-            concepts=space,
-            top=top,
-            image_seeds=seeds,
-            sampling={"steps": steps, "guidance_scale": guidance},
-        )
-    except ERRORS as e:
-        _fail(e)
+    if (edit is None) == (edited_model is None):
+        raise ValueError("Pass exactly one of --edit (an edit of --model) and --edited-model (a second pipeline).")
+    cfg = _config(
+        DiffConfig,
+        lam=lam,
+        changed=changed,
+        n_samples=n_samples,
+        first_seed=first_seed,
+        ddim_steps=ddim_steps,
+        guidance_scale=latent_guidance,
+        latents=latents,
+        prompt_template=prompt_template,
+        batch_size=batch_size,
+    )
+    seeds = parse_seeds(image_seeds) if image_seeds.strip() else []
+    edited = Edit.load(edit) if edit is not None else load_pipeline(edited_model, device=device)
+    pipe = load_pipeline(model, device=device)
+    space = _concepts(concepts, vocabulary, pipe)
+    result = run_diff(
+        pipe, edited, space, cfg, out, top=top, image_seeds=seeds, sampling=SamplingConfig(steps, guidance)
+    )
+    _record(
+        out,
+        "analyze-diff",
+        model=model,
+        edit=str(edit) if edit else None,
+        edited_model=edited_model,
+        concepts=space,
+        top=top,
+        image_seeds=seeds,
+        sampling={"steps": steps, "guidance_scale": guidance},
+    )
     for e in result.top(top, include_changed=True):
         l1 = "-" if e.l1 is None else f"{e.l1:.4g}"
         typer.echo(
@@ -1005,11 +975,8 @@ def world_train_clip(
     from erasekit.runs import parse_overrides
     from erasekit.world.clip import ClipRecipe, train_clip
 
-    try:
-        recipe = ClipRecipe(**parse_overrides(ClipRecipe, set_ or []))
-        meta = train_clip(out, steps, workdir=workdir, recipe=recipe)
-    except ERRORS as e:
-        _fail(e)
+    recipe = ClipRecipe(**parse_overrides(ClipRecipe, set_ or []))
+    meta = train_clip(out, steps, workdir=workdir, recipe=recipe)
     typer.echo(json.dumps({"zero_shot": meta["zero_shot"], "parameters": meta["parameters"]}, indent=2))
     typer.echo(f"CLIP written to {out} (use it with --clip {out})")
 
@@ -1084,35 +1051,32 @@ def export_cmd(
     from erasekit.export import push_to_hub as push
     from erasekit.pipeline import BUNDLED
 
-    try:
-        edit = Edit.load(run)
-        base = model or (
-            edit.base.get("id") if edit.base.get("id") in BUNDLED else edit.base.get("path") or edit.base.get("id")
-        )
-        if rank is not None and rank != "full":
-            if not rank.isdigit():
-                raise ValueError(f"`--rank` must be a positive integer or 'full', got {rank!r}.")
-            rank_value: int | str | None = int(rank)
-        else:
-            rank_value = rank
-        pipe = load_pipeline(base)
-        res = edit.export(
-            pipe,
-            out,
-            format,
-            rank=rank_value,
-            energy=energy,
-            drop_bias=drop_bias,
-            run_dir=run,
-            metrics=list(metrics or []),
-            license=license,
-            model_name=name,
-        )
-        if res.lora is not None:
-            typer.echo(format_report(res.lora))
-        url = push(out, push_to_hub, private=not public) if push_to_hub else None
-    except ERRORS as e:
-        _fail(e)
+    edit = Edit.load(run)
+    base = model or (
+        edit.base.get("id") if edit.base.get("id") in BUNDLED else edit.base.get("path") or edit.base.get("id")
+    )
+    if rank is not None and rank != "full":
+        if not rank.isdigit():
+            raise ValueError(f"`--rank` must be a positive integer or 'full', got {rank!r}.")
+        rank_value: int | str | None = int(rank)
+    else:
+        rank_value = rank
+    pipe = load_pipeline(base)
+    res = edit.export(
+        pipe,
+        out,
+        format,
+        rank=rank_value,
+        energy=energy,
+        drop_bias=drop_bias,
+        run_dir=run,
+        metrics=list(metrics or []),
+        license=license,
+        model_name=name,
+    )
+    if res.lora is not None:
+        typer.echo(format_report(res.lora))
+    url = push(out, push_to_hub, private=not public) if push_to_hub else None
     typer.echo(f"{format} export of the {edit.method} edit -> {out} ({len(res.files)} files)")
     if url is not None:
         typer.echo(f"pushed to the hub: {push_to_hub}")
