@@ -32,7 +32,6 @@ from erasekit.eval.generate import SamplingConfig
 from erasekit.eval.protocols import evaluate
 from erasekit.export import plan_lora
 from erasekit.io import write_json_atomic, write_text_atomic
-from erasekit.world.shapes import OBJECTS
 
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "uce": ("uce", {}),
@@ -62,7 +61,6 @@ def score(pipe, erase: list[str], args, detector, sampling) -> dict[str, float]:
         pipe,
         "shapes-objects",
         erase=erase,
-        preserve=[o for o in OBJECTS if o not in erase],
         n_per_class=args.n_per_class,
         seed=args.seed,
         sampling=sampling,

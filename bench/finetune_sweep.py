@@ -31,7 +31,6 @@ from erasekit.edit import EraseRequest
 from erasekit.eval.generate import SamplingConfig
 from erasekit.eval.protocols import evaluate
 from erasekit.io import write_json_atomic, write_text_atomic
-from erasekit.world.shapes import OBJECTS
 
 
 def _eval(pipe, obj: str, args, detector, sampling) -> dict[str, float]:
@@ -39,7 +38,6 @@ def _eval(pipe, obj: str, args, detector, sampling) -> dict[str, float]:
         pipe,
         "shapes-objects",
         erase=[obj],
-        preserve=[o for o in OBJECTS if o != obj],
         n_per_class=args.n_per_class,
         seed=args.eval_seed,
         sampling=sampling,

@@ -98,7 +98,6 @@ def run_cell(pipe, row: str, task: str, args, detector, sampling) -> dict[str, A
             pipe,
             "shapes-objects",
             erase=erased_objects,
-            preserve=[o for o in OBJECTS if o not in erased_objects],
             n_per_class=args.n_per_class,
             seed=args.seed,
             sampling=sampling,

@@ -44,7 +44,6 @@ from erasekit.eval.protocols import evaluate, object_prompts
 from erasekit.io import write_json_atomic, write_text_atomic
 from erasekit.methods.rece import select_epoch
 from erasekit.pipeline import base_info
-from erasekit.world.shapes import OBJECTS
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
@@ -213,7 +212,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     pipe,
                     "shapes-objects",
                     erase=erase,
-                    preserve=[o for o in OBJECTS if o not in erase],
                     n_per_class=args.n_per_class,
                     seed=args.seed,
                     progress=False,

@@ -33,7 +33,6 @@ from erasekit.eval.generate import SamplingConfig
 from erasekit.eval.protocols import evaluate
 from erasekit.io import write_json_atomic
 from erasekit.pipeline import base_info
-from erasekit.world.shapes import OBJECTS
 
 SPLIT0 = ["circle", "square", "triangle", "star", "heart"]
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -50,7 +49,6 @@ def evaluate_split0(pipe, edit, args, detector, sampling) -> dict[str, float]:
             pipe,
             "shapes-objects",
             erase=SPLIT0,
-            preserve=[o for o in OBJECTS if o not in SPLIT0],
             n_per_class=args.n_per_class,
             seed=args.eval_seed,
             sampling=sampling,
