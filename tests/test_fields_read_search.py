@@ -87,33 +87,18 @@ CONFIGS = {"ap": APConfig, "age": AGEConfig}
 # The default suite probes the options of issue 12 (and AGE's reading of its own objective); the
 # other fields (the core's, read by the shared loop, and AP's older search options, which AGE
 # reads through the same code) run with -m slow.
-FAST_PROBES = {
-    "ap": {
-        "search_space",
-        "pool",
-        "search_gradient",
-        "search_loop",
-        "search_state",
-        "l2_latent",
-        "loss_space",
-        "negative_guidance",
-        "zt_producer",
-    },
-    "age": {
-        "search_space",
-        "pool",
-        "search_gradient",
-        "search_loop",
-        "search_state",
-        "l2_latent",
-        "loss_space",
-        "negative_guidance",
-        "zt_producer",
-        "detach_target",
-        "lam",
-        "relaxation",
-    },
+_FAST_COMMON = {
+    "search_space",
+    "pool",
+    "search_gradient",
+    "search_loop",
+    "search_state",
+    "l2_latent",
+    "loss_space",
+    "negative_guidance",
+    "zt_producer",
 }
+FAST_PROBES = {"ap": _FAST_COMMON, "age": _FAST_COMMON | {"detach_target", "lam", "relaxation"}}
 FIELDS = {m: {f.name: f for f in fields(c)} for m, c in CONFIGS.items()}
 _BASE_EDITS: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # tiny_pipeline(0) is deterministic
 
