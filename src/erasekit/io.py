@@ -124,6 +124,12 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, 
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON data (tuples become lists, paths strings, tensors' scalars numbers): the form
+    in which two settings compare equal exactly when their JSON files would."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
