@@ -419,3 +419,28 @@ def test_ap_authors_step_matches_a_hand_computation(tiny_pipe, monkeypatch):
         l1 = F.mse_loss(ctx.unet(z, t, c_e).sample, e0 - (en - e0)) * w
         l2 = F.mse_loss(ctx.unet(z_a, t, c_a).sample, orig(z_a, t, c_a).sample) * w
     torch.testing.assert_close(out.loss.detach(), l1 + 0.7 * l2, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("preset", ["paper", "authors"])
+def test_ap_step_with_the_pool_predictions_equals_its_own_frozen_call(tiny_pipe, preset):
+    """With the empty anchor, L1's frozen eps(c_t) (and the authors' eta-1 eps(c_e)) may come from the
+    pooled producer's trajectories (StepBatch.frozen_eps): the same loss as AP's own frozen call."""
+    cfg = make_config("ap", preset, **{**FAST, "lam": 0.7})
+    ctx = FinetuneContext(tiny_pipe, "xattn", ddim_steps=2)
+    with torch.no_grad():
+        for p in ctx.params.values():
+            p.mul_(1.2)
+    loss_fn = APLoss(REQ, cfg)
+    assert loss_fn.uses_frozen_eps and not APLoss(EraseRequest(["square"], anchor="a star"), cfg).uses_frozen_eps
+    loss_fn.setup(ctx)
+    z, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)), ctx.scheduler.timesteps[1:2]
+    c_e = ctx.embed(["square"])
+    eps = (ctx.eps_frozen(z, t, ctx.embed([""])), ctx.eps_frozen(z, t, c_e))
+    outs, state = [], {k: v.clone() for k, v in loss_fn.state_tensors().items()}
+    for frozen_eps in (None, eps):
+        loss_fn.load_state_tensors({k: v.clone() for k, v in state.items()})  # the search's logits learn
+        batch = StepBatch(step=3, concepts=["square"], z_t=z, t=t, cond_e=c_e, generator=step_generator(0, 3),
+                          frozen_eps=frozen_eps)
+        outs.append(loss_fn.step(ctx, batch))
+    torch.testing.assert_close(outs[1].loss.detach(), outs[0].loss.detach(), rtol=1e-5, atol=1e-9)
+    assert outs[0].record == outs[1].record  # the same search, the same chosen concept

@@ -1,5 +1,7 @@
 """The z_t producers of the fine-tuning core (issue 13): exact, batched, pooled, trained."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -103,6 +105,7 @@ def test_pooled_several_concepts_across_a_refresh(tiny_pipe):
 class _Interrupt(LossFunction):
     def __init__(self, inner: LossFunction, at: int) -> None:
         self.inner, self.at = inner, at
+        self.uses_frozen_eps = inner.uses_frozen_eps  # the wrapped loss decides what the producer computes
 
     def step(self, ctx, batch) -> StepOutput:
         if batch.step == self.at:
@@ -233,3 +236,48 @@ def test_sample_zt_still_serves_the_methods(tiny_pipe):
     assert z.shape == (2, 4, 16, 16) and t.shape == (2,) and not z.is_inference()
     z2, _ = ctx.sample_zt(cond[:1], 2, step_generator(0, 1), guidance=3.0, frozen=True)
     torch.testing.assert_close(z[:1], z2, rtol=1e-5, atol=1e-5)  # untrained model: frozen and trained agree
+
+
+def test_pooled_hands_over_the_frozen_predictions_of_its_trajectories(tiny_pipe):
+    """With ``frozen_eps``, each entry carries eps(z_t, "") and eps(z_t, c_e) of the frozen model at its
+    own latent and timestep (oracle: the frozen model called on that entry alone), the last latent included."""
+    d, size = 4, 3
+    cfg = FinetuneConfig(steps=50, ddim_steps=d, zt_producer="pooled", zt_pool_size=size)
+    ctx = _ctx(tiny_pipe, d)
+    plain, with_eps = PooledProducer(ctx, cfg, ERASE, seed=2), PooledProducer(ctx, cfg, ERASE, seed=2, frozen_eps=True)
+    plain.prepare(0)
+    with_eps.prepare(0)
+    uncond = ctx.embed([""])
+    grids = set()
+    for s in range(size * d):
+        a, b = plain.batch(s), with_eps.batch(s)
+        assert a.frozen_eps is None and b.concepts == a.concepts and torch.equal(a.t, b.t)
+        torch.testing.assert_close(b.z_t, a.z_t, rtol=1e-5, atol=1e-5)  # the same pool, eps or not
+        e_u, e_c = b.frozen_eps
+        ref_u = ctx.eps_frozen(b.z_t, b.t, uncond)
+        ref_c = ctx.eps_frozen(b.z_t, b.t, b.cond_e)
+        torch.testing.assert_close(e_u, ref_u, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(e_c, ref_c, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(e_u, e_c)  # two different conditionings, not one tensor twice
+        grids.add(int(b.t[0]))
+    assert len(grids) == d  # every latent of the trajectories, the last one (never stepped from) too
+
+
+def test_esd_reads_the_pool_predictions_only_with_the_empty_anchor(tiny_pipe):
+    """ESD eq. 4 with the pool's predictions equals ESD recomputing them (same loss, float tolerance);
+    with another anchor the pool keeps no predictions and ESD calls the frozen model itself."""
+    cfg = ESDConfig(steps=6, ddim_steps=3, zt_producer="pooled", zt_pool_size=2)
+    ctx = _ctx(tiny_pipe, 3)
+    loss = ESDLoss(cfg, "")
+    assert loss.uses_frozen_eps and not ESDLoss(cfg, "a circle").uses_frozen_eps
+    prod = PooledProducer(ctx, cfg, ERASE, seed=1, frozen_eps=True)
+    prod.prepare(0)
+    for s in range(4):
+        batch = prod.batch(s)
+        fast = loss.step(ctx, batch).loss
+        slow = loss.step(ctx, dataclasses.replace(batch, frozen_eps=None)).loss
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-7)
+    anchored = ESDLoss(cfg, "a circle")
+    run = finetune(tiny_pipe, EraseRequest(ERASE, anchor="a circle"), cfg, anchored, method="esd", progress=False)
+    assert run.edit.trace["zt_producer"] == "pooled"
+    assert all(torch.isfinite(v).all() for v in run.edit.tensors.values())

@@ -277,7 +277,8 @@ class FinetuneContext:
         guidance: float,
         frozen: bool = True,
         keep_all: bool = False,
-    ) -> torch.Tensor:
+        keep_eps: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched DDIM (eta 0) with CFG ``guidance`` from latents ``z`` (B, C, h, w): row ``r`` runs
         ``n_steps[r]`` steps of the grid, conditioned on ``cond[r]``, and then stays put.
 
@@ -286,6 +287,12 @@ class FinetuneContext:
         the runs (B, max(n_steps) + 1, C, h, w; index k = after k steps). Runs under
         :func:`torch.inference_mode` (z_t is an input of the loss, never differentiated); ``frozen=False``
         samples with the model being trained (``zt_producer="trained"``).
+
+        ``keep_eps`` (with ``keep_all``) also returns the two predictions the guidance combined at every
+        kept latent, ``(latents, eps_uncond, eps_cond)``, each (B, max(n_steps) + 1, C, h, w): index k is
+        eps(z_k, "", t_k) and eps(z_k, cond, t_k), the model evaluated once more at the last latent (a
+        forward that is not followed by a step). A method whose loss needs exactly these predictions
+        (ESD's frozen targets, eq. 4) reads them instead of recomputing them.
         """
         b = cond.shape[0]
         if len(n_steps) != b or z.shape[0] != b:
@@ -294,23 +301,33 @@ class FinetuneContext:
             )
         todo = torch.as_tensor(list(n_steps), dtype=torch.long)
         model = self.eps_frozen if frozen else self.eps
+        if keep_eps and not (keep_all and len(set(n_steps)) <= 1):
+            raise ValueError("`keep_eps` needs `keep_all` and rows that all run the same number of steps.")
         uncond = self.embed([""])  # outside inference mode: the cache must hold ordinary tensors
         with torch.inference_mode():
-            seen = [z] if keep_all else []
-            for k in range(int(todo.max()) if b else 0):
+            seen, eps_u, eps_c = ([z] if keep_all else []), [], []
+            last = int(todo.max()) if b else 0
+            for k in range(last + 1 if keep_eps else last):
                 t = self.scheduler.timesteps[k]
                 rows = (todo > k).nonzero().squeeze(1)
-                full = len(rows) == b
+                full = len(rows) == b or keep_eps
                 z_a, c_a = (z, cond) if full else (z[rows], cond[rows])
                 n = z_a.shape[0]
                 e_u, e_c = model(
                     torch.cat([z_a, z_a]), t.expand(2 * n), torch.cat([uncond.expand(n, -1, -1), c_a])
                 ).chunk(2)
+                if keep_eps:
+                    eps_u.append(e_u)
+                    eps_c.append(e_c)
+                    if k == last:
+                        break
                 new = self.scheduler.step(e_u + guidance * (e_c - e_u), t, z_a).prev_sample
                 z = new if full else z.index_copy(0, rows.to(z.device), new)
                 if keep_all:
                     seen.append(z)
             out = torch.stack(seen, 1) if keep_all else z
+            if keep_eps:
+                return out.clone(), torch.stack(eps_u, 1).clone(), torch.stack(eps_c, 1).clone()
         return out.clone()  # an ordinary tensor: the loss's graph may save it
 
     def timesteps_at(self, n_steps: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -363,6 +380,9 @@ class StepBatch:
     t: torch.Tensor  # (B,) timesteps
     cond_e: torch.Tensor  # (B, 77, D) embeddings of ``concepts``
     generator: torch.Generator  # the step's generator, for the method's own randomness (e.g. Gumbel noise)
+    # the frozen original's eps(z_t, "", t) and eps(z_t, cond_e, t), when the producer computed them anyway
+    # (``pooled`` for a loss with ``uses_frozen_eps``); None otherwise
+    frozen_eps: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -383,6 +403,9 @@ class LossFunction:
     """
 
     train_unet: bool = True
+    # True when the loss needs the frozen original's eps(z_t, "", t) and eps(z_t, c_e, t): a producer that
+    # computes them on the way (``pooled``) then hands them over in ``StepBatch.frozen_eps``
+    uses_frozen_eps: bool = False
 
     def setup(self, ctx: FinetuneContext) -> None:
         """Called once before the first step (precompute embeddings, build the search space, load an edit)."""
@@ -567,15 +590,27 @@ class PooledProducer(ZtProducer):
     may share a concept (``exact`` draws distinct ones). Refresh draws come from
     ``step_generator(seed, step, 1, k)`` (k-th refresh within a step), the pool's remaining entries are
     checkpointed: resume is exact.
+
+    With ``frozen_eps`` (a loss with ``uses_frozen_eps``, such as ESD's), the pool also keeps the two
+    frozen predictions the trajectory's guidance computed at each latent, eps(z_k, "") and
+    eps(z_k, c_e) (one more forward per trajectory, at its last latent), and hands them to the step
+    in :attr:`StepBatch.frozen_eps`: ESD's targets then cost nothing, and a step is one trained forward
+    and its backward plus ~one amortised frozen forward. They are the same function of the same inputs
+    as the step's own frozen call (equal up to float rounding of the batch composition; tested).
     """
 
     name = "pooled"
 
-    def __init__(self, ctx: FinetuneContext, config: FinetuneConfig, erase: Sequence[str], seed: int) -> None:
+    def __init__(
+        self, ctx: FinetuneContext, config: FinetuneConfig, erase: Sequence[str], seed: int, *, frozen_eps: bool = False
+    ) -> None:
         super().__init__(ctx, config, erase, seed)
+        self.keep_eps = frozen_eps
         self.z = torch.empty(0)
         self.grid = torch.empty(0, dtype=torch.long)
         self.concept = torch.empty(0, dtype=torch.long)
+        self.eps_u: torch.Tensor | None = None
+        self.eps_c: torch.Tensor | None = None
 
     def _refresh(self, step: int, k: int) -> None:
         gen = step_generator(self.seed, step, 1, k)
@@ -586,8 +621,8 @@ class PooledProducer(ZtProducer):
         noise = self.ctx.initial_noise(size, gen)
         cond = self.ctx.embed([self.erase[i] for i in idx.tolist()])
         try:
-            traj = self.ctx.ddim_latents(
-                cond, noise, [d - 1] * size, guidance=self.config.start_guidance, keep_all=True
+            out = self.ctx.ddim_latents(
+                cond, noise, [d - 1] * size, guidance=self.config.start_guidance, keep_all=True, keep_eps=self.keep_eps
             )
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not _out_of_memory(e):
@@ -596,10 +631,13 @@ class PooledProducer(ZtProducer):
                 f"zt_producer='pooled': a pool of `zt_pool_size`={size} trajectories ({2 * size} UNet rows per call, "
                 f"{size * d} latents) does not fit in memory; lower `zt_pool_size`. ({e})"
             ) from e
-        order = torch.randperm(size * d, generator=gen)
-        self.z = traj.reshape(size * d, *traj.shape[2:])[order.to(traj.device)]
-        self.grid = torch.arange(d).repeat(size)[order]
-        self.concept = idx.repeat_interleave(d)[order]
+        traj, eps_u, eps_c = out if self.keep_eps else (out, None, None)
+        order = torch.randperm(size * d, generator=gen).to(traj.device)
+        flat = lambda x: x.reshape(size * d, *x.shape[2:])[order]  # noqa: E731
+        self.z = flat(traj)
+        self.eps_u, self.eps_c = (flat(eps_u), flat(eps_c)) if self.keep_eps else (None, None)
+        self.grid = torch.arange(d).repeat(size)[order.cpu()]
+        self.concept = idx.repeat_interleave(d)[order.cpu()]
 
     def prepare(self, start: int) -> None:
         if len(self.grid) == 0:
@@ -612,10 +650,14 @@ class PooledProducer(ZtProducer):
                 self._refresh(step, k)
                 k += 1
             take = min(b, len(self.grid))
-            parts.append((self.z[:take], self.grid[:take], self.concept[:take]))
+            eps = (self.eps_u[:take], self.eps_c[:take]) if self.keep_eps else (None, None)
+            parts.append((self.z[:take], self.grid[:take], self.concept[:take], *eps))
             self.z, self.grid, self.concept = self.z[take:], self.grid[take:], self.concept[take:]
+            if self.keep_eps:
+                self.eps_u, self.eps_c = self.eps_u[take:], self.eps_c[take:]
             b -= take
-        z_t, grid, concept = (torch.cat(x) for x in zip(*parts, strict=True))
+        z_t, grid, concept = (torch.cat(x) for x in list(zip(*parts, strict=True))[:3])
+        frozen = (torch.cat([p[3] for p in parts]), torch.cat([p[4] for p in parts])) if self.keep_eps else None
         concepts = [self.erase[i] for i in concept.tolist()]
         return StepBatch(
             step=step,
@@ -624,19 +666,32 @@ class PooledProducer(ZtProducer):
             t=self.ctx.timesteps_at(grid),
             cond_e=self.ctx.embed(concepts),
             generator=step_generator(self.seed, step),
+            frozen_eps=frozen,
         )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if len(self.grid) == 0:
             return {}
-        return {"z": self.z.contiguous(), "grid": self.grid.contiguous(), "concept": self.concept.contiguous()}
+        state = {"z": self.z.contiguous(), "grid": self.grid.contiguous(), "concept": self.concept.contiguous()}
+        if self.keep_eps:
+            state |= {"eps_u": self.eps_u.contiguous(), "eps_c": self.eps_c.contiguous()}
+        return state
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if not tensors:  # the pool was empty at the checkpoint
             self.z, self.grid, self.concept = torch.empty(0), torch.empty(0, dtype=torch.long), self.grid[:0]
+            self.eps_u = self.eps_c = None
             return
         self.z = tensors["z"].to(self.ctx.device, self.ctx.dtype)
         self.grid, self.concept = tensors["grid"].long(), tensors["concept"].long()
+        if self.keep_eps:
+            if "eps_u" not in tensors:
+                raise ValueError(
+                    "zt_producer='pooled': the checkpoint's pool holds no frozen predictions, but this loss reads "
+                    "them; resume with the method that wrote the run."
+                )
+            self.eps_u = tensors["eps_u"].to(self.ctx.device, self.ctx.dtype)
+            self.eps_c = tensors["eps_c"].to(self.ctx.device, self.ctx.dtype)
 
 
 PRODUCERS: dict[str, type[ZtProducer]] = {
@@ -644,10 +699,15 @@ PRODUCERS: dict[str, type[ZtProducer]] = {
 }
 
 
-def make_producer(ctx: FinetuneContext, config: FinetuneConfig, erase: Sequence[str], seed: int) -> ZtProducer:
-    """The :class:`ZtProducer` named by ``config.zt_producer``."""
+def make_producer(
+    ctx: FinetuneContext, config: FinetuneConfig, erase: Sequence[str], seed: int, *, frozen_eps: bool = False
+) -> ZtProducer:
+    """The :class:`ZtProducer` named by ``config.zt_producer``; ``frozen_eps``: the loss reads
+    :attr:`StepBatch.frozen_eps` when a producer has them (only ``pooled`` computes them on the way)."""
     if config.zt_producer not in PRODUCERS:
         raise ValueError(f"`zt_producer` must be one of {', '.join(PRODUCERS)}, got {config.zt_producer!r}.")
+    if config.zt_producer == PooledProducer.name:
+        return PooledProducer(ctx, config, erase, seed, frozen_eps=frozen_eps)
     return PRODUCERS[config.zt_producer](ctx, config, erase, seed)
 
 
@@ -691,7 +751,7 @@ def finetune(
     if not groups:
         raise ValueError(f"{type(loss_fn).__name__} trains nothing: it keeps the UNet fixed and has no param_groups().")
     opt = torch.optim.Adam(groups)
-    producer = make_producer(ctx, config, request.erase, seed)
+    producer = make_producer(ctx, config, request.erase, seed, frozen_eps=loss_fn.uses_frozen_eps)
     log: list[dict[str, Any]] = []
     start = 0
     if run_dir is not None and config.resume:

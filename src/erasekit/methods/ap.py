@@ -788,6 +788,12 @@ class SearchLoss(LossFunction):
 class APLoss(SearchLoss):
     """Per-step AP: ascend L2 on the search, then the descent loss L1 + lambda * L2(c_a)."""
 
+    def __init__(self, request: EraseRequest, config: APConfig) -> None:
+        super().__init__(request, config)
+        # with the empty anchor, L1's frozen eps(z_t, c_t) (and the negative-guidance eps(z_t, c_e)) are the
+        # predictions a frozen DDIM trajectory computed at z_t: the ``pooled`` producer hands them over
+        self.uses_frozen_eps = request.target == ""
+
     def search_objective(
         self, ctx: FinetuneContext, batch: StepBatch, cond: torch.Tensor, n_steps: int | None
     ) -> torch.Tensor:
@@ -808,14 +814,18 @@ class APLoss(SearchLoss):
         _, _, z_a, t_a = self.latents(ctx, batch, c_a, None)
 
         # 2. Descent (Alg. 2): one batched frozen call, one batched trainable call.
-        anchor = ctx.embed([self.request.target]).expand(b, -1, -1)
         ng = cfg.negative_guidance > 0
-        frozen_in = [(z, t, anchor), (z_a, t_a, c_a)] + ([(z, t, batch.cond_e)] if ng else [])
-        n = len(frozen_in)
-        with torch.no_grad():
-            frozen = ctx.eps_frozen(*(torch.cat(x) for x in zip(*frozen_in, strict=True))).chunk(n)
-        e_t, e_a = frozen[0], frozen[1]
-        target = e_t - cfg.negative_guidance * (frozen[2] - e_t) if ng else e_t
+        if batch.frozen_eps is not None and self.uses_frozen_eps:
+            with torch.no_grad():
+                e_a = ctx.eps_frozen(z_a, t_a, c_a)
+            e_t, e_e = batch.frozen_eps
+        else:
+            anchor = ctx.embed([self.request.target]).expand(b, -1, -1)
+            frozen_in = [(z, t, anchor), (z_a, t_a, c_a)] + ([(z, t, batch.cond_e)] if ng else [])
+            with torch.no_grad():
+                frozen = ctx.eps_frozen(*(torch.cat(x) for x in zip(*frozen_in, strict=True))).chunk(len(frozen_in))
+            e_t, e_a, e_e = frozen[0], frozen[1], frozen[2] if ng else None
+        target = e_t - cfg.negative_guidance * (e_e - e_t) if ng else e_t
         new_e, new_a = ctx.eps(torch.cat([z, z_a]), torch.cat([t, t_a]), torch.cat([batch.cond_e, c_a])).chunk(2)
         loss1 = loss(new_e, target, z, t)
         loss2 = loss(new_a, e_a, z_a, t_a)

@@ -89,14 +89,20 @@ class ESDLoss(LossFunction):
     def __init__(self, config: ESDConfig, anchor: str) -> None:
         self.config = config
         self.anchor = anchor
+        # with the empty anchor, eq. 4's frozen predictions are the ones a frozen DDIM trajectory computes
+        # for its guidance at the same latent: the ``pooled`` producer hands them over (StepBatch.frozen_eps)
+        self.uses_frozen_eps = anchor == ""
 
     def step(self, ctx: FinetuneContext, batch: StepBatch) -> StepOutput:
         b = len(batch.concepts)
-        anchor = ctx.embed([self.anchor]).expand(b, -1, -1)
-        with torch.no_grad():
-            e_0, e_e = ctx.eps_frozen(
-                torch.cat([batch.z_t, batch.z_t]), torch.cat([batch.t, batch.t]), torch.cat([anchor, batch.cond_e])
-            ).chunk(2)
+        if batch.frozen_eps is not None and self.uses_frozen_eps:
+            e_0, e_e = batch.frozen_eps
+        else:
+            anchor = ctx.embed([self.anchor]).expand(b, -1, -1)
+            with torch.no_grad():
+                e_0, e_e = ctx.eps_frozen(
+                    torch.cat([batch.z_t, batch.z_t]), torch.cat([batch.t, batch.t]), torch.cat([anchor, batch.cond_e])
+                ).chunk(2)
         e_new = ctx.eps(batch.z_t, batch.t, batch.cond_e)
         return StepOutput(loss=esd_loss(e_new, e_0, e_e, self.config.eta))
 
