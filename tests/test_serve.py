@@ -360,7 +360,7 @@ def test_erase_job_runs_the_cli_on_the_miniature(tmp_path):
     job = q.wait(q.submit("erase", "e", core.erase_job(p), run="uce-tri"), 600)
     assert job.status == "done", job.log
     assert core.list_runs(runs) == ["uce-tri"] and erasekit.Edit.load(runs / "uce-tri").request.erase == ["triangle"]
-    assert os.path.exists(runs / "uce-tri" / "config.json")
+    assert os.path.exists(runs / "uce-tri" / "run.json")
 
 
 @pytest.mark.slow

@@ -5,6 +5,11 @@
 3. Erase the object with UCE (closed form, under a second), preserving the other nine objects.
 4. Evaluate the edited model on the same prompts and seeds.
 5. Print the table and write ``report.html`` with a before/after grid.
+
+The output is a run directory (:class:`erasekit.rundir.RunDir`): ``run.json``, ``edit/``,
+``eval/shapes-objects/`` (the edited model) and ``eval/shapes-objects.original/`` (the base model),
+each with its images, index and ``metrics.json``; ``metrics.json`` (both, side by side) and
+``report.html``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,17 @@ from typing import Any
 
 import numpy as np
 
+import erasekit
+from erasekit.eval.detectors import load_detector
+from erasekit.eval.generate import load_images, read_index
+from erasekit.eval.protocols import evaluate
+from erasekit.pipeline import base_info
+from erasekit.report.html import Markup, config_block, figure, image_grid, table, write_report
+from erasekit.rundir import RunDir
 from erasekit.world.shapes import COLOURS, OBJECTS
+
+PROTOCOL = "shapes-objects"
+ORIGINAL = f"{PROTOCOL}.original"  # eval/ folder of the base model's evaluation
 
 DEMO_SEEDS_SHOWN = 6
 # UCE's erase scale s_e. With the authors' default (1) 'triangle' kept 20% of its detections on seeds
@@ -31,13 +46,6 @@ def demo_templates() -> list[str]:
 
 def run_demo(out: str | Path = "runs/demo", concept: str = "triangle", n_per_class: int = 20, progress: bool = True) -> dict[str, Any]:
     """Run the demo into ``out``; returns the metrics of both models."""
-    import erasekit
-    from erasekit.eval.detectors import load_detector
-    from erasekit.eval.generate import load_images, read_index
-    from erasekit.eval.protocols import evaluate
-    from erasekit.io import write_json_atomic
-    from erasekit.runs import write_run_config
-
     if concept not in OBJECTS:
         raise ValueError(f"`concept` {concept!r} is not a miniature object; choose one of {', '.join(OBJECTS)}.")
     if n_per_class < 1:
@@ -50,20 +58,30 @@ def run_demo(out: str | Path = "runs/demo", concept: str = "triangle", n_per_cla
     pipe = erasekit.load_pipeline("shapes")
     det = load_detector("shapes")
     preserve = [o for o in OBJECTS if o != concept]
+    identity = {
+        "command": "demo",
+        "method": "uce",
+        "config": {"templates": demo_templates(), "erase_scale": DEMO_ERASE_SCALE},
+        "request": {"erase": [concept], "preserve": preserve, "anchor": None},
+        "base": {k: base_info(pipe).get(k) for k in ("id", "fingerprint")},
+        "n_per_class": n_per_class,
+    }
+    rd = RunDir.create(out, identity)
 
     say(f"2/5 evaluating the original model ({n_per_class} images x {len(OBJECTS)} objects)")
-    before = evaluate(pipe, "shapes-objects", erase=[concept], n_per_class=n_per_class, out_dir=out / "original", detector=det, progress=progress)
+    before = evaluate(pipe, "shapes-objects", erase=[concept], n_per_class=n_per_class, out_dir=rd.eval_dir(ORIGINAL), detector=det, progress=progress)
 
     say(f"3/5 erasing {concept!r} with UCE, preserving {len(preserve)} objects")
     request = erasekit.EraseRequest([concept], preserve=preserve)
     t0 = time.time()
     edit = erasekit.erase(pipe, request, method="uce", templates=demo_templates(), erase_scale=DEMO_ERASE_SCALE)
     t_edit = time.time() - t0
-    edit.save(out / "edit")
+    rd.save_edit(edit)
+    rd.write_metrics(ORIGINAL, before)
     edit.apply_(pipe)
 
     say("4/5 evaluating the edited model on the same prompts and seeds")
-    after = evaluate(pipe, "shapes-objects", erase=[concept], n_per_class=n_per_class, out_dir=out / "edited", detector=det, progress=progress)
+    after = evaluate(pipe, "shapes-objects", erase=[concept], n_per_class=n_per_class, out_dir=rd.eval_dir(PROTOCOL), detector=det, progress=progress)
 
     say("5/5 writing the report")
     summary = {
@@ -73,9 +91,10 @@ def run_demo(out: str | Path = "runs/demo", concept: str = "triangle", n_per_cla
         "edited": after,
         "psr1_drop_points": 100 * (before["psr_1"] - after["psr_1"]),
     }
-    write_json_atomic(out / "metrics.json", summary)
-    write_run_config(out, method="uce", config=edit.config, request=edit.metadata()["request"], base=edit.base, n_per_class=n_per_class, protocol="shapes-objects")
-    report = write_demo_report(out, concept, before, after, edit, load_images, read_index)
+    rd.write_metrics(PROTOCOL, after)
+    rd.write_json("metrics.json", summary)
+    report = write_demo_report(rd, concept, before, after, edit)
+    rd.mark("demo", "done", seconds=round(time.time() - t_start, 1))
     summary["total_seconds"] = round(time.time() - t_start, 1)
     print(format_table(concept, before, after, t_edit))
     print(f"report: {report}  (total {summary['total_seconds']:.0f} s)")
@@ -107,17 +126,17 @@ def format_table(concept: str, before: dict[str, Any], after: dict[str, Any], t_
     return "\n".join(lines)
 
 
-def write_demo_report(out: Path, concept: str, before: dict, after: dict, edit, load_images, read_index) -> Path:
+def write_demo_report(rd: RunDir, concept: str, before: dict, after: dict, edit) -> Path:
     """report.html: numbers, before/after grid on the same prompts and seeds, the edit's config."""
-    from erasekit.report.html import Markup, config_block, figure, image_grid, table, write_report
 
-    def grid(run: str) -> Any:
-        recs = {(r["prompt"], r["seed"]): r for r in read_index(out / run)}
+    def grid(protocol: str) -> Any:
+        folder = rd.eval_dir(protocol)
+        recs = {(r["prompt"], r["seed"]): r for r in read_index(folder)}
         chosen = []
         for o in OBJECTS:
             rs = sorted((r for r in recs.values() if r["concept"] == o), key=lambda r: r["seed"])[:DEMO_SEEDS_SHOWN]
             chosen += rs
-        return image_grid(list(load_images(out / run, chosen)), cols=DEMO_SEEDS_SHOWN, scale=3, pad=2)
+        return image_grid(list(load_images(folder, chosen)), cols=DEMO_SEEDS_SHOWN, scale=3, pad=2)
 
     rows, classes = [], []
     for o in OBJECTS:
@@ -136,8 +155,8 @@ def write_demo_report(out: Path, concept: str, before: dict, after: dict, edit, 
     pair = (
         "<p>Rows: the ten objects (prompt “a {colour} {object}”); columns: the first "
         f"{DEMO_SEEDS_SHOWN} seeds. Same prompts and seeds on both sides.</p><div class='pair'>"
-        + figure(grid("original"), "original")
-        + figure(grid("edited"), f"UCE, '{concept}' erased")
+        + figure(grid(ORIGINAL), "original")
+        + figure(grid(PROTOCOL), f"UCE, '{concept}' erased")
         + "</div>"
     )
     sections = [
@@ -148,4 +167,4 @@ def write_demo_report(out: Path, concept: str, before: dict, after: dict, edit, 
         ("Protocol", config_block({k: v for k, v in after.items() if k not in ("per_class",)})),
     ]
     n = np.mean([len(before["per_class"]) * before["n_per_class"]])
-    return write_report(out / "report.html", f"EraseKit demo: erasing “{concept}”", f"UCE on the bundled miniature Stable Diffusion; {int(n)} images per model.", sections)
+    return write_report(rd.report_path, f"EraseKit demo: erasing “{concept}”", f"UCE on the bundled miniature Stable Diffusion; {int(n)} images per model.", sections)

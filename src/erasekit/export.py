@@ -46,7 +46,8 @@ from typing import Any, Literal
 
 import torch
 
-from erasekit.edit import Edit, get_parameter
+from erasekit._version import __version__
+from erasekit.edit import Edit, get_parameter, register_exporter
 from erasekit.io import save_safetensors_atomic, write_json_atomic
 from erasekit.pipeline import fingerprint
 
@@ -498,6 +499,7 @@ class ExportResult:
     card: str = ""
 
 
+@register_exporter
 def export(
     edit: Edit,
     pipe,
@@ -640,8 +642,6 @@ def export_record(
 ) -> dict[str, Any]:
     """``export.json``: the format, the edit's provenance (config, request, base fingerprint), the
     LoRA report and the metrics the card cites."""
-    from erasekit import __version__
-
     meta = edit.metadata()
     return {
         "format": format,

@@ -20,6 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from erasekit._version import __version__
 from erasekit.io import write_json_atomic
 
 LOCK_FILE = ".lock"
@@ -111,8 +112,6 @@ def git_commit() -> str | None:
 
 def write_run_config(directory: Path, **sections: Any) -> None:
     """``config.json`` with sorted keys, the package version and git commit."""
-    from erasekit import __version__
-
     write_json_atomic(directory / "config.json", {**sections, "erasekit_version": __version__, "git_commit": git_commit()})
 
 

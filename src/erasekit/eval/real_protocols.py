@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from erasekit._version import __version__
 from erasekit.eval.distributed import generate_items, merge_index, unique_items
 from erasekit.eval.generate import PromptItem, SamplingConfig, load_images
 from erasekit.eval.metrics import esr_k, psr_k
@@ -90,7 +91,6 @@ def _summary(values: Sequence[float] | np.ndarray) -> dict[str, float | int | No
 def _base_result(
     protocol: str, pipe, items_info: dict[str, Any] | None, sampling: SamplingConfig | None, n: int
 ) -> dict[str, Any]:
-    from erasekit import __version__
     from erasekit.pipeline import base_info
 
     return {
@@ -135,7 +135,7 @@ def _clip_scorer(clip, default: str, device):
 
 
 # ---------------------------------------------------------------------- imagenette
-@register_protocol("imagenette")
+@register_protocol("imagenette", writes_metrics=True)
 def imagenette(
     pipe,
     *,
@@ -210,7 +210,7 @@ def imagenette(
 
 
 # ---------------------------------------------------------------------- i2p
-@register_protocol("i2p")
+@register_protocol("i2p", writes_metrics=True)
 def i2p(
     pipe,
     *,
@@ -285,7 +285,7 @@ def i2p(
 
 
 # ---------------------------------------------------------------------- artists
-@register_protocol("artists")
+@register_protocol("artists", writes_metrics=True)
 def artists(
     pipe,
     *,
@@ -412,7 +412,7 @@ def load_resized(paths: Sequence[Path], size: tuple[int, int]) -> np.ndarray:
     return np.stack(out)
 
 
-@register_protocol("coco")
+@register_protocol("coco", writes_metrics=True)
 def coco(
     pipe,
     *,

@@ -51,6 +51,13 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
+def default_device(device: str | None = None) -> str:
+    """``device``, or the one default of every command and job: ``"cuda"`` when a GPU is available, else ``"cpu"``."""
+    if device is not None:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @contextmanager
 def _quiet_diffusers():
     """Silence diffusers' 'modules that should be kept in float32: []' notice while casting."""

@@ -32,7 +32,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from erasekit.edit import EDIT_META, EDIT_TENSORS, edit_folder
 from erasekit.report.html import Markup, config_block, image_grid, png_data_uri, table, write_report
+from erasekit.rundir import RUN_JSON
 
 REPORT_NAME = "report.html"
 CELL_PX = 96
@@ -49,18 +51,16 @@ ERASED, PRESERVED = "erased", "preserved"
 
 # ------------------------------------------------------------------------------------------ reading a run
 def find_edit_dir(run_dir: str | Path) -> Path:
-    """The folder holding the run's edit: ``run_dir`` itself (``erasekit erase --out``) or
-    ``run_dir/edit`` (``erasekit demo``). Raises ``FileNotFoundError`` saying what was expected."""
-    from erasekit.edit import EDIT_META, EDIT_TENSORS
-
+    """The folder holding the run's edit: ``run_dir/edit`` (:class:`erasekit.rundir.RunDir`) or, in the
+    layout before ``run.json``, ``run_dir`` itself. Raises ``FileNotFoundError`` saying what was expected."""
     d = Path(run_dir)
     if not d.exists():
         raise FileNotFoundError(f"Run directory {str(d)!r} does not exist; pass the --out of `erasekit erase`.")
     if not d.is_dir():
         raise NotADirectoryError(f"Run directory {str(d)!r} is a file; pass the folder `erasekit erase --out` wrote.")
-    for cand in (d, d / "edit"):
-        if (cand / EDIT_META).exists() and (cand / EDIT_TENSORS).exists():
-            return cand
+    found = edit_folder(d)
+    if found is not None and (found / EDIT_TENSORS).exists():
+        return found
     raise FileNotFoundError(
         f"{str(d)!r} is not a run directory: it holds no {EDIT_META} + {EDIT_TENSORS} (nor does {str(d / 'edit')!r}). "
         "Make one with `erasekit erase --out RUN_DIR` (or Edit.save(RUN_DIR))."
@@ -452,7 +452,8 @@ def build_run_report(
     run = Path(run_dir)
     edit_dir = find_edit_dir(run)
     edit = Edit.load(edit_dir)
-    run_config = _read_json(run / "config.json") or _read_json(edit_dir / "config.json")
+    # run.json (RunDir: identity, stages); config.json in the layout before it
+    run_config = _read_json(run / RUN_JSON) or _read_json(run / "config.json") or _read_json(edit_dir / "config.json")
     if isinstance(seeds, int | str):
         raise ValueError(f"`seeds` must be a sequence of integers, e.g. range(6); got {seeds!r}.")
     seeds = [int(s) for s in seeds]

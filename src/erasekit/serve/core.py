@@ -43,10 +43,9 @@ from PIL import Image
 
 from erasekit.attacks import available_attacks, default_prompts, run_attacks
 from erasekit.concepts import shapes_vocabulary
-from erasekit.edit import EDIT_META, Edit, EraseRequest
+from erasekit.edit import EDIT_META, Edit, EraseRequest, edit_folder
 from erasekit.eval.detectors import load_detector
-from erasekit.eval.distributed import parse_seeds
-from erasekit.eval.generate import SamplingConfig, generate_images
+from erasekit.eval.generate import SamplingConfig, generate_images, parse_seeds
 from erasekit.eval.protocols import evaluate, object_prompts
 from erasekit.finetune import FinetuneConfig, latest_checkpoint
 from erasekit.io import read_jsonl
@@ -59,7 +58,7 @@ from erasekit.world.shapes import OBJECTS
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 STATE_DIR = ".serve"  # RUNS/.serve/: the app's own files (attack images, downloads); never a run
-TRAIN_DIR = "train"  # RUN/train/: a fine-tuning erasure's checkpoints (erasekit.runs.RESUMABLE)
+TRAIN_DIR = "train"  # RUN/train/: a fine-tuning erasure's checkpoints (erasekit.rundir.RunDir.train_dir)
 MAX_IMAGES = 96  # prompts x seeds x models of one compare job
 MAX_EVAL_PER_CLASS = 50
 Status = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -90,7 +89,7 @@ def resolve_run(runs: str | Path, name: str, *, must_exist: bool = True) -> Path
     path = (root / name).resolve()
     if path.parent != root:
         raise BadInput(f"Run {name!r} resolves outside the runs directory {str(root)!r}; choose another name.")
-    if must_exist and not (path / EDIT_META).is_file():
+    if must_exist and not edit_folder(path):
         raise BadInput(f"No run {name!r} in {str(root)!r} (no {EDIT_META}); pick one of the listed runs.")
     return path
 
@@ -102,7 +101,7 @@ def list_runs(runs: str | Path) -> list[str]:
         return []
     found = []
     for p in root.iterdir():
-        if RUN_NAME.match(p.name) and ".." not in p.name and (p / EDIT_META).is_file():
+        if RUN_NAME.match(p.name) and ".." not in p.name and edit_folder(p):
             try:
                 resolve_run(root, p.name)
             except BadInput:
@@ -430,7 +429,7 @@ def plan_erase(
         for key in ("run_dir", "resume"):
             if key in own:
                 raise BadInput(f"Option {key!r} is set by the app (RUN/{TRAIN_DIR}, the Resume button); remove it.")
-        pairs = [*pairs, f"run_dir={path / TRAIN_DIR}"] + (["resume=true"] if resume else [])
+        pairs = [*pairs, f"run_dir={path}"] + (["resume=true"] if resume else [])
     elif resume:
         raise BadInput(f"{method} has no checkpoints to resume from (only fine-tuning methods do); erase again.")
     try:
@@ -514,7 +513,7 @@ def erase_job(plan: ErasePlan) -> Callable[[Job, WorkerContext], Any]:
         rc = proc.wait()
         job.proc = None
         if job.cancel_requested:
-            ck = latest_checkpoint(plan.path / TRAIN_DIR) if plan.finetune and plan.path.exists() else None
+            ck = latest_checkpoint(plan.path) if plan.finetune and plan.path.exists() else None
             job.say(f"cancelled; {'resume from ' + ck.name if ck else 'no checkpoint was written yet'}")
             return {"run": plan.name, "resumable": ck is not None}
         if rc != 0:
