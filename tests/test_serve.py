@@ -253,7 +253,8 @@ def test_plan_erase_builds_the_cli_command(runs):
     ):
         assert part in joined
     f = plan(runs, method="esd", options=ESD_FAST, resume=True)
-    assert f.finetune and f"run_dir={runs.resolve() / 'uce-tri' / 'train'}" in f.argv and "resume=true" in f.argv
+    # run_dir is the run directory itself: its checkpoints go to RUN/train (erasekit.rundir.RunDir.train_dir)
+    assert f.finetune and f"run_dir={runs.resolve() / 'uce-tri'}" in f.argv and "resume=true" in f.argv
     assert f.argv[-1] == "--overwrite"
     fake_run(runs, "uce-tri")
     with pytest.raises(core.BadInput, match="already exists"):

@@ -24,8 +24,8 @@ import erasekit
 from erasekit.eval.detectors import load_detector
 from erasekit.eval.generate import load_images, read_index
 from erasekit.eval.protocols import evaluate
+from erasekit.html import Markup, config_block, figure, image_grid, table, write_report
 from erasekit.pipeline import base_info
-from erasekit.report.html import Markup, config_block, figure, image_grid, table, write_report
 from erasekit.rundir import RunDir
 from erasekit.world.shapes import COLOURS, OBJECTS
 
@@ -41,10 +41,14 @@ DEMO_ERASE_SCALE = 10.0
 
 def demo_templates() -> list[str]:
     """The contexts the erased word appears in: ShapesWorld's caption openings, bare and with each colour."""
-    return ["{}", "a {}", "a picture of a {}", "a drawing of a {}", "an image of a {}"] + [f"a {c} {{}}" for c in COLOURS]
+    return ["{}", "a {}", "a picture of a {}", "a drawing of a {}", "an image of a {}"] + [
+        f"a {c} {{}}" for c in COLOURS
+    ]
 
 
-def run_demo(out: str | Path = "runs/demo", concept: str = "triangle", n_per_class: int = 20, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", concept: str = "triangle", n_per_class: int = 20, progress: bool = True
+) -> dict[str, Any]:
     """Run the demo into ``out``; returns the metrics of both models."""
     if concept not in OBJECTS:
         raise ValueError(f"`concept` {concept!r} is not a miniature object; choose one of {', '.join(OBJECTS)}.")
@@ -69,7 +73,15 @@ def run_demo(out: str | Path = "runs/demo", concept: str = "triangle", n_per_cla
     rd = RunDir.create(out, identity)
 
     say(f"2/5 evaluating the original model ({n_per_class} images x {len(OBJECTS)} objects)")
-    before = evaluate(pipe, "shapes-objects", erase=[concept], n_per_class=n_per_class, out_dir=rd.eval_dir(ORIGINAL), detector=det, progress=progress)
+    before = evaluate(
+        pipe,
+        "shapes-objects",
+        erase=[concept],
+        n_per_class=n_per_class,
+        out_dir=rd.eval_dir(ORIGINAL),
+        detector=det,
+        progress=progress,
+    )
 
     say(f"3/5 erasing {concept!r} with UCE, preserving {len(preserve)} objects")
     request = erasekit.EraseRequest([concept], preserve=preserve)
@@ -81,7 +93,15 @@ def run_demo(out: str | Path = "runs/demo", concept: str = "triangle", n_per_cla
     edit.apply_(pipe)
 
     say("4/5 evaluating the edited model on the same prompts and seeds")
-    after = evaluate(pipe, "shapes-objects", erase=[concept], n_per_class=n_per_class, out_dir=rd.eval_dir(PROTOCOL), detector=det, progress=progress)
+    after = evaluate(
+        pipe,
+        "shapes-objects",
+        erase=[concept],
+        n_per_class=n_per_class,
+        out_dir=rd.eval_dir(PROTOCOL),
+        detector=det,
+        progress=progress,
+    )
 
     say("5/5 writing the report")
     summary = {
@@ -107,7 +127,10 @@ def format_table(concept: str, before: dict[str, Any], after: dict[str, Any], t_
     lines.append(f"  {'object':<10} {'original':>9} {'edited':>9}")
     for o in OBJECTS:
         mark = "  <- erased" if o == concept else ""
-        lines.append(f"  {o:<10} {100 * before['per_class'][o]['top1']:>8.1f}% {100 * after['per_class'][o]['top1']:>8.1f}%{mark}")
+        lines.append(
+            f"  {o:<10} {100 * before['per_class'][o]['top1']:>8.1f}% {100 * after['per_class'][o]['top1']:>8.1f}%{mark}"
+        )
+
     def cell(res: dict[str, Any], key: str) -> str:
         iv = res.get("intervals", {}).get(key)
         if iv is None:
@@ -143,7 +166,10 @@ def write_demo_report(rd: RunDir, concept: str, before: dict, after: dict, edit)
         b, a = before["per_class"][o]["top1"], after["per_class"][o]["top1"]
         rows.append([o + (" (erased)" if o == concept else ""), b, a, Markup(f"{100 * (a - b):+.1f}")])
         classes.append("erased" if o == concept else "")
-    summary_rows = [[m, before[k], after[k]] for m, k in (("ESR-1", "esr_1"), ("ESR-3", "esr_3"), ("PSR-1", "psr_1"), ("PSR-3", "psr_3"))]
+    summary_rows = [
+        [m, before[k], after[k]]
+        for m, k in (("ESR-1", "esr_1"), ("ESR-3", "esr_3"), ("PSR-1", "psr_1"), ("PSR-3", "psr_3"))
+    ]
     gone = after["esr_1"] >= 0.9
     kept = before["psr_1"] - after["psr_1"] <= 0.10
     verdict = (
@@ -163,8 +189,24 @@ def write_demo_report(rd: RunDir, concept: str, before: dict, after: dict, edit)
         ("Result", verdict + table(["metric", "original", "edited"], summary_rows)),
         ("Before / after", pair),
         ("Per object (detector top-1)", table(["object", "original", "edited", "Δ points"], rows, classes)),
-        ("Edit", config_block({"method": edit.method, "config": edit.config, "request": edit.metadata()["request"], "base": edit.base, "changed_tensors": len(edit.tensors)})),
+        (
+            "Edit",
+            config_block(
+                {
+                    "method": edit.method,
+                    "config": edit.config,
+                    "request": edit.metadata()["request"],
+                    "base": edit.base,
+                    "changed_tensors": len(edit.tensors),
+                }
+            ),
+        ),
         ("Protocol", config_block({k: v for k, v in after.items() if k not in ("per_class",)})),
     ]
     n = np.mean([len(before["per_class"]) * before["n_per_class"]])
-    return write_report(rd.report_path, f"EraseKit demo: erasing “{concept}”", f"UCE on the bundled miniature Stable Diffusion; {int(n)} images per model.", sections)
+    return write_report(
+        rd.report_path,
+        f"EraseKit demo: erasing “{concept}”",
+        f"UCE on the bundled miniature Stable Diffusion; {int(n)} images per model.",
+        sections,
+    )

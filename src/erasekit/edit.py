@@ -13,7 +13,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +309,6 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 def with_touched_digest(edit: Edit, pipe) -> Edit:
     """The edit with ``base["touched_digest"]``: the digest of ``pipe``'s values of every parameter it
     overwrites, taken from the pipeline the edit was computed on (see :meth:`Edit.check_base`)."""
-    from dataclasses import replace
 
     params = {n: get_parameter(pipe, n) for n in edit.tensors}
     dtypes = {str(p.dtype) for p in params.values()}

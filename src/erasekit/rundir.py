@@ -168,7 +168,9 @@ class ResumableDir:
         return _read_meta_file(Path(path) / meta)
 
     @staticmethod
-    def check(path: str | Path, identity: dict[str, Any], *, meta: str = IDENTITY_JSON, what: str = "directory") -> bool:
+    def check(
+        path: str | Path, identity: dict[str, Any], *, meta: str = IDENTITY_JSON, what: str = "directory"
+    ) -> bool:
         """Whether ``path`` already holds results of ``identity`` (``False``: none yet); raises
         :class:`RunDirMismatch` if it holds another identity's. Writes nothing."""
         old = _read_meta_file(Path(path) / meta)

@@ -10,8 +10,8 @@ import typer
 
 from erasekit import load_pipeline
 from erasekit.cli.common import App, ModelOpt
+from erasekit.html import image_grid
 from erasekit.pipeline import bundled_path
-from erasekit.report.html import image_grid
 from erasekit.runs import parse_overrides
 from erasekit.world.build import build_detector, build_pipeline, check_world, install_assets, save_check
 from erasekit.world.clip import ClipRecipe, train_clip

@@ -16,7 +16,8 @@ from typing import Any
 ProtocolFn = Callable[..., dict[str, Any]]
 PROTOCOLS: dict[str, ProtocolFn] = {}
 # Every module that registers protocols (the discovery list; add a new protocol module here).
-PROTOCOL_MODULES = ("erasekit.eval.protocols", "erasekit.eval.real_protocols", "erasekit.attacks.asr")
+# Plug-ins by name, so that eval imports none of them (the world and the attacks sit above eval).
+PROTOCOL_MODULES = ("erasekit.world.protocols", "erasekit.eval.real_protocols", "erasekit.attacks.asr")
 
 
 WRITES_METRICS: set[str] = set()  # protocols that write ``out_dir/metrics.json`` themselves

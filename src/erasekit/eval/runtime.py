@@ -22,11 +22,14 @@ inspection hook), so call :func:`configure_pipeline` first.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -99,8 +102,6 @@ def configure_pipeline(
         if device is not None:
             pipe.to(device)
     if sdpa is not None:
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
         proc_cls = AttnProcessor2_0 if sdpa else AttnProcessor
         for name in ("unet", "vae"):
             module = getattr(pipe, name, None)
@@ -123,14 +124,11 @@ def configure_pipeline(
 
 def make_scheduler(name: str, config: Any):
     """A deterministic diffusers scheduler ``name`` built from a checkpoint's scheduler ``config``."""
-    from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
 
     classes = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}
     if name not in classes:
         raise ValueError(f"`scheduler` must be one of {sorted(classes)}, got {name!r}.")
     if name == "lms":
-        import importlib.util
-
         if importlib.util.find_spec("scipy") is None:
             raise ImportError("The LMS scheduler needs scipy: pip install scipy (or 'erasekit[real]').")
     # SD 1.x samples with PLMS (PNDM without its Runge-Kutta warm-up steps)

@@ -41,18 +41,20 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+import erasekit.export as ex
 from erasekit.attacks import available_attacks, default_prompts, run_attacks
 from erasekit.concepts import shapes_vocabulary
 from erasekit.edit import EDIT_META, Edit, EraseRequest, edit_folder
 from erasekit.eval.detectors import load_detector
 from erasekit.eval.generate import SamplingConfig, generate_images, parse_seeds
-from erasekit.eval.protocols import evaluate, object_prompts
+from erasekit.eval.protocols import evaluate
 from erasekit.finetune import FinetuneConfig, latest_checkpoint
 from erasekit.io import read_jsonl
 from erasekit.methods.base import field_default, get_method, make_config
 from erasekit.pipeline import load_pipeline
 from erasekit.report.run_report import build_run_report
 from erasekit.runs import locked, parse_overrides
+from erasekit.world.protocols import object_prompts
 from erasekit.world.shapes import OBJECTS
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -784,7 +786,6 @@ def export_job(runs: Path, name: str, fmt: str) -> Callable[[Job, WorkerContext]
     path = resolve_run(runs, name)
 
     def run(job: Job, ctx: WorkerContext) -> dict[str, Any]:
-        import erasekit.export as ex
 
         edit = Edit.load(path)
         out = path / "exports" / f"{fmt}-{job.id}"
