@@ -118,3 +118,18 @@ def test_run_json_is_valid_and_names_the_layout(tiny_pipe_dir, tmp_path):
     assert _run("erase", "--model", tiny_pipe_dir, "--erase", "star", "--out", run).exit_code == 0
     meta = json.loads((run / "run.json").read_text())
     assert meta["layout"] == 1 and [s["stage"] for s in meta["stages"]] == ["erase"]
+
+
+def test_report_reads_the_run_directory_and_marks_its_stage(tiny_pipe_dir, tmp_path):
+    from erasekit.eval.generate import SamplingConfig
+    from erasekit.pipeline import load_pipeline
+    from erasekit.report.run_report import build_run_report
+
+    run = tmp_path / "run"
+    assert _run("erase", "--model", tiny_pipe_dir, "--erase", "star", "--out", run).exit_code == 0
+    page = build_run_report(
+        run, pipe=load_pipeline(str(tiny_pipe_dir)), seeds=[0], sampling=SamplingConfig(steps=1), progress=False
+    )
+    assert page == RunDir.open(run).report_path and page.exists()
+    assert "identity" in page.read_text()  # the run's run.json is shown with its config
+    assert RunDir.open(run).stage("report")["status"] == "done"

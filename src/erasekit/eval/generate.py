@@ -58,10 +58,16 @@ class SamplingConfig:
     width: int | None = None
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"Sampler `steps` must be an integer >= 1 (or unset for the model's default), got {self.steps!r}.")
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
+            raise ValueError(
+                f"Sampler `steps` must be an integer >= 1 (or unset for the model's default), got {self.steps!r}."
+            )
         if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"`guidance` (classifier-free guidance scale) must be a finite number >= 0, got {self.guidance_scale!r}.")
+            raise ValueError(
+                f"`guidance` (classifier-free guidance scale) must be a finite number >= 0, got {self.guidance_scale!r}."
+            )
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"`batch_size` must be an integer >= 1, got {self.batch_size!r}.")
         for name in ("height", "width"):
@@ -146,7 +152,9 @@ def parse_seeds(seeds: str) -> list[int]:
             a, b = seeds.split(":")
             out = list(range(int(a), int(b)))
             if not out:
-                raise ValueError(f"`--seeds {seeds}` is an empty range: the end must be greater than the start, e.g. 0:10.")
+                raise ValueError(
+                    f"`--seeds {seeds}` is an empty range: the end must be greater than the start, e.g. 0:10."
+                )
         else:
             out = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError as e:

@@ -41,7 +41,7 @@ from erasekit.methods.ap import chosen_concepts
 from erasekit.methods.hide import KEY_META, RecoveryKey, edit_digest
 from erasekit.methods.rece import derived_embedding_images
 from erasekit.pipeline import load_pipeline
-from erasekit.rundir import RUN_JSON
+from erasekit.rundir import RUN_JSON, RunDir
 from erasekit.world.shapes import OBJECTS
 
 REPORT_NAME = "report.html"
@@ -523,7 +523,10 @@ def build_run_report(
     sections.append(("Config and base model", config_block(config)))
 
     path = Path(out) if out is not None else run / REPORT_NAME
-    return write_report(path, title, subtitle, sections)
+    page = write_report(path, title, subtitle, sections)
+    if RunDir.is_run(run):
+        RunDir.open(run).mark("report", "done", path=str(page), seeds=seeds)
+    return page
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -411,7 +411,7 @@ def plan_erase(
     resumed; ``resume`` continues such a run (``--set resume=true --overwrite``).
     """
     path = resolve_run(runs, name, must_exist=False)
-    if path.exists() and any(c for c in path.iterdir() if c.name != ".lock") and not resume:
+    if path.exists() and any(c for c in path.iterdir() if not c.name.endswith(".lock")) and not resume:
         raise BadInput(f"Run {name!r} already exists; choose another run name.")
     try:
         spec = get_method(method)
