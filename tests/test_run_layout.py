@@ -19,7 +19,7 @@ def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def test_erase_writes_the_run_layout_and_evaluate_and_attack_default_into_it(tiny_pipe_dir, tmp_path):
+def test_erase_writes_the_run_layout_and_evaluate_defaults_into_it(tiny_pipe_dir, tmp_path):
     run = tmp_path / "run"
     r = _run("erase", "--model", tiny_pipe_dir, "--erase", "star", "--out", run)
     assert r.exit_code == 0, r.output
@@ -31,6 +31,13 @@ def test_erase_writes_the_run_layout_and_evaluate_and_attack_default_into_it(tin
     r = _run("erase", "--model", tiny_pipe_dir, "--erase", "star", "--set", "lamb=0.1", "--out", run, "--overwrite")
     assert r.exit_code == 0, r.output  # --overwrite is --force: the identity is rewritten
     assert RunDir.open(run).identity["config"]["lamb"] == 0.1
+    # evaluate --edit RUN without --out: RUN/eval/<protocol>/ (images, index, metrics.json) + a stage mark
+    r = _run("evaluate", "--protocol", "shapes-objects", "--model", tiny_pipe_dir, "--edit", run,
+             "--n-per-class", "1", "--steps", "1", "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rd = RunDir.open(run)
+    assert rd.evaluated() == ["shapes-objects"] and rd.metrics("shapes-objects")["n_per_class"] == 1
+    assert len(rd.records("eval/shapes-objects/index.jsonl")) == 10 and rd.stage("eval")["protocol"] == "shapes-objects"
 
 
 def test_set_seed_is_honoured_from_the_cli(tiny_pipe_dir, tmp_path):

@@ -102,8 +102,9 @@ def evaluate(
     fn = get_protocol(protocol)
     accepts = inspect.signature(fn).parameters
     own_metrics = writes_metrics(protocol)  # these write out/metrics.json themselves
-    if out is None and edit is not None and RunDir.is_run(edit):
-        out = RunDir.open(edit).eval_dir(protocol)  # the run directory's own eval/<protocol>/
+    run_dir = RunDir.open(edit) if out is None and edit is not None and RunDir.is_run(edit) else None
+    if run_dir is not None:
+        out = run_dir.eval_dir(protocol)  # the run directory's own eval/<protocol>/
     options = {  # protocol keyword -> (flag, value or None when not given)
         "preserve": ("--preserve", split_list(preserve) or None),
         "prompts": ("--prompts", prompts),
@@ -158,6 +159,8 @@ def evaluate(
         res.update(model=model, edit=str(edit) if edit else None)
         if out:
             write_json_atomic(out / "metrics.json", res)
+    if run_dir is not None:
+        run_dir.mark("eval", "done", protocol=protocol)
     typer.echo(
         json.dumps({k: v for k, v in res.items() if k not in ("per_class", "per_artist")}, indent=2, default=str)
     )

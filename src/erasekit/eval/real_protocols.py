@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from erasekit._version import __version__
+from erasekit.eval.clip_score import ClipScorer
 from erasekit.eval.distributed import generate_items, merge_index, unique_items
 from erasekit.eval.generate import PromptItem, SamplingConfig, load_images
 from erasekit.eval.metrics import esr_k, psr_k
@@ -124,11 +125,9 @@ def _reference_records(
 
 
 def _clip_scorer(clip, default: str, device):
-    """``clip`` as a :class:`~erasekit.analysis.clip_score.ClipScorer`: an instance, a path/hub id, or ``None`` (skip)."""
+    """``clip`` as a :class:`~erasekit.eval.clip_score.ClipScorer`: an instance, a path/hub id, or ``None`` (skip)."""
     if clip is None:
         return None
-    from erasekit.analysis.clip_score import ClipScorer
-
     if isinstance(clip, ClipScorer):
         return clip
     return ClipScorer.from_pretrained(default if clip == "default" else clip, device=device)
