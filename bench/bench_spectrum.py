@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
 
     import erasekit
-    from erasekit.analysis.clip_score import ClipScorer
     from erasekit.analysis.spectrum import SpectrumConfig, spectrum_for_edit
+    from erasekit.eval.clip_score import ClipScorer
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -40,10 +40,11 @@ from erasekit.edit import Edit, EraseRequest
 from erasekit.eval.detectors import load_detector
 from erasekit.eval.generate import generate_images
 from erasekit.eval.metrics import esr_k
-from erasekit.eval.protocols import evaluate, object_prompts
+from erasekit.eval.protocols import evaluate
 from erasekit.io import write_json_atomic, write_text_atomic
 from erasekit.methods.rece import select_epoch
 from erasekit.pipeline import base_info
+from erasekit.world.protocols import object_prompts
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]

@@ -56,8 +56,9 @@ from erasekit.analysis.spectrum import edit_applied
 from erasekit.edit import EraseRequest
 from erasekit.eval.generate import SamplingConfig, generate_images
 from erasekit.eval.metrics import rsr_k
-from erasekit.eval.protocols import evaluate, object_prompts
+from erasekit.eval.protocols import evaluate
 from erasekit.io import write_json_atomic, write_text_atomic
+from erasekit.world.protocols import object_prompts
 from erasekit.world.shapes import COLOURS, OBJECTS, SYNONYMS
 
 SPLITS: list[list[str]] = [

@@ -62,11 +62,11 @@ def checkpoint_cell(pipe, row: str, producer: str, step: int, args, detector, sa
     """Evaluate the checkpoint at ``step`` of a run (a run that could not reach ``--steps`` in time is
     compared with the other producer's run at the same step)."""
     run_dir = Path(args.out) / "runs" / f"{row}-{producer}"
-    ck = run_dir / "checkpoints" / f"step-{step:08d}"
+    ck = run_dir / "train" / "checkpoints" / f"step-{step:08d}"  # the run directory layout (erasekit.rundir)
     if not (ck / "state.json").exists():
         raise SystemExit(f"{ck} does not exist (kept checkpoints: {sorted(p.name for p in ck.parent.glob('step-*'))}).")
     weights = load_file(ck / "trainable.safetensors")
-    meta = json.loads((run_dir / "run.json").read_text())
+    meta = json.loads((run_dir / "train" / "train.json").read_text())
     log = json.loads((ck / "state.json").read_text())["log"]
     edit = Edit(
         tensors={f"unet.{k}": v for k, v in weights.items()},

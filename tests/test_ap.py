@@ -123,7 +123,7 @@ def test_ap_logs_adversarial_concepts_and_changes_only_cross_attention(tiny_pipe
     assert edit.trace["vocabulary"] == "shapes" and edit.trace["k"] == 4
     picks = chosen_concepts(edit.trace["log"])
     assert len(picks) == 2 and all(c in [n for n, _ in space[e]] for _, e, c in picks)
-    on_disk = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    on_disk = [json.loads(line) for line in (tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines()]
     assert chosen_concepts(on_disk) == picks and edit.trace["log_path"].endswith("log.jsonl")
     # authors' 1:1 loop: step 0 is a descent only (the paper preset ascends there too, on a zero gradient)
     first, second = edit.trace["log"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from erasekit.analysis.clip_score import ClipScorer, check_images
+from erasekit.eval.clip_score import ClipScorer, check_images
 from erasekit.testing import TINY_CLIP, tiny_clip_scorer
 from erasekit.world import clip as wclip
 

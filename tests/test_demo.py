@@ -19,11 +19,11 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["concept"] == "star"
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "run.json").read_text())["identity"]
     assert cfg["method"] == "uce" and cfg["request"]["erase"] == ["star"]
-    assert len((out / "original" / "index.jsonl").read_text().splitlines()) == 20
+    assert len((out / "eval" / "shapes-objects.original" / "index.jsonl").read_text().splitlines()) == 20
     # a second run reuses every image already generated
-    before = {p: p.stat().st_mtime_ns for p in (out / "edited" / "images").iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in (out / "eval" / "shapes-objects" / "images").iterdir()}
     run_demo(out, concept="star", n_per_class=2, progress=False)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 

@@ -157,7 +157,7 @@ def test_two_processes_match_one_process_and_resume(setup, tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_accelerate_launch_command(setup, tiny_pipe_dir, tmp_path, monkeypatch):
-    """The same through `accelerate launch -m erasekit.eval.distributed` (3 fresh interpreters: slow)."""
+    """The same through `accelerate launch -m erasekit generate` (3 fresh interpreters: slow)."""
     pipe, prompts, items, ref_bytes = setup
     run = tmp_path / "two"
     mtimes = _interrupted_run(pipe, items, run, monkeypatch)
@@ -165,7 +165,7 @@ def test_accelerate_launch_command(setup, tiny_pipe_dir, tmp_path, monkeypatch):
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "erasekit.eval.distributed",
+        "-m", "erasekit", "generate",
         "--model", str(tiny_pipe_dir), "--protocol", "lines", "--prompts", str(prompts), "--seeds", "0:3",
         "--out", str(run), "--device", "cpu", "--steps", "2", "--guidance", "4", "--batch-size", "2", "--quiet",
     ]  # fmt: skip
@@ -178,21 +178,24 @@ def test_accelerate_launch_command(setup, tiny_pipe_dir, tmp_path, monkeypatch):
     assert meta["processes"] == 2 and meta["images"] == 9 and meta["sampling"]["steps"] == 2
 
 
-def test_command_line_items_and_errors(tmp_path, capsys):
-    from erasekit.eval.distributed import build_parser, items_from_args, main, parse_seeds
+def test_command_line_items_and_errors(tmp_path):
+    # the argparse twin of `erasekit generate` is gone: `accelerate launch -m erasekit generate` is the one
+    # command; its prompt-file items come from erasekit.eval.distributed.protocol_items
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+    from erasekit.eval.distributed import protocol_items
+    from erasekit.eval.generate import parse_seeds
 
     assert parse_seeds("0:3") == [0, 1, 2] and parse_seeds("4,9") == [4, 9]
     with pytest.raises(ValueError, match="seeds"):
         parse_seeds("a:b")
     csv = tmp_path / "artists.csv"
     csv.write_text("case_number,prompt,evaluation_seed,artist\n0,A castle by Kilian Eng,10,Kilian Eng\n")
-    args = build_parser().parse_args(
-        ["--model", "m", "--out", "o", "--protocol", "artists", "--prompts", str(csv), "--n-samples", "3"]
-    )
-    assert [(i.prompt, i.seed) for i in items_from_args(args)] == [("A castle by Kilian Eng", s) for s in (10, 11, 12)]
-    args = build_parser().parse_args(
-        ["--model", "m", "--out", "o", "--protocol", "imagenette", "--classes", "church", "--n-per-class", "2"]
-    )
-    assert [i.prompt for i in items_from_args(args)] == ["Image of church"] * 2
-    assert main(["--model", "m", "--out", str(tmp_path / "o"), "--protocol", "i2p"]) == 2  # no --prompts
-    assert "needs --prompts" in capsys.readouterr().err
+    items = protocol_items("artists", csv, n_samples=3)
+    assert [(i.prompt, i.seed) for i in items] == [("A castle by Kilian Eng", s) for s in (10, 11, 12)]
+    items = protocol_items("imagenette", None, classes="church", n_per_class=2)
+    assert [i.prompt for i in items] == ["Image of church"] * 2
+    r = CliRunner().invoke(app, ["generate", "--model", "m", "--out", str(tmp_path / "o"), "--protocol", "i2p"])
+    assert r.exit_code == 2  # no --prompts
+    assert "needs --prompts" in r.output

@@ -159,7 +159,7 @@ def test_resume_dir_with_a_different_config_is_refused(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="already holds a run"):
         _esd(tiny_pipe, steps=2, run_dir=str(run))
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
-    meta = json.loads((run / "run.json").read_text())
+    meta = json.loads((run / "train" / "train.json").read_text())["identity"]
     assert meta["config"]["lr"] == 1e-3 and meta["method"] == "esd"
     # the same config resumes a finished run without training again
     again = _esd(tiny_pipe, steps=2, run_dir=str(run), resume=True)

@@ -245,7 +245,7 @@ def test_a_failed_apply_leaves_the_pipeline_untouched_and_applied_restores(tiny_
 
 # ------------------------------------------------------------------ small CLI defects
 def test_seeds_ranges_are_checked():
-    from erasekit.eval.distributed import parse_seeds
+    from erasekit.eval.generate import parse_seeds
 
     assert parse_seeds("0:3") == [0, 1, 2] and parse_seeds("1,5") == [1, 5]
     for bad, msg in [("5:2", "empty range"), ("-1", ">= 0"), ("1,1", "repeats"), ("a:b", "must look like"), (",", "no seed")]:

@@ -51,7 +51,7 @@ class RankedLogits(torch.nn.Module):
 def tiny_clip_scorer():
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from erasekit.analysis.clip_score import ClipScorer
+    from erasekit.eval.clip_score import ClipScorer
     from erasekit.testing import TOKENIZER_DIR
     from erasekit.world.tokenizer import load_clip_tokenizer
 

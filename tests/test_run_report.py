@@ -10,10 +10,10 @@ import erasekit
 from erasekit.analysis.spectrum import Spectrum
 from erasekit.edit import EraseRequest
 from erasekit.eval.generate import SamplingConfig, generate_images
+from erasekit.html import png_data_uri
 from erasekit.io import write_json_atomic
 from erasekit.methods.hide import HideConfig, hide
 from erasekit.pipeline import fingerprint, load_pipeline
-from erasekit.report.html import png_data_uri
 from erasekit.report.run_report import build_run_report, find_metrics, headline_metrics, image_strip
 from erasekit.runs import write_run_config
 

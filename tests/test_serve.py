@@ -253,7 +253,8 @@ def test_plan_erase_builds_the_cli_command(runs):
     ):
         assert part in joined
     f = plan(runs, method="esd", options=ESD_FAST, resume=True)
-    assert f.finetune and f"run_dir={runs.resolve() / 'uce-tri' / 'train'}" in f.argv and "resume=true" in f.argv
+    # run_dir is the run directory itself: its checkpoints go to RUN/train (erasekit.rundir.RunDir.train_dir)
+    assert f.finetune and f"run_dir={runs.resolve() / 'uce-tri'}" in f.argv and "resume=true" in f.argv
     assert f.argv[-1] == "--overwrite"
     fake_run(runs, "uce-tri")
     with pytest.raises(core.BadInput, match="already exists"):
@@ -360,7 +361,7 @@ def test_erase_job_runs_the_cli_on_the_miniature(tmp_path):
     job = q.wait(q.submit("erase", "e", core.erase_job(p), run="uce-tri"), 600)
     assert job.status == "done", job.log
     assert core.list_runs(runs) == ["uce-tri"] and erasekit.Edit.load(runs / "uce-tri").request.erase == ["triangle"]
-    assert os.path.exists(runs / "uce-tri" / "config.json")
+    assert os.path.exists(runs / "uce-tri" / "run.json")
 
 
 @pytest.mark.slow

@@ -59,8 +59,7 @@ def clip_vocabulary(tokenizer=None, *, min_length: int = 2) -> list[str]:
     ``tokenizer`` defaults to the CLIP tokenizer bundled with erasekit (Stable Diffusion's).
     """
     if tokenizer is None:
-        from erasekit.testing import TOKENIZER_DIR
-        from erasekit.world.tokenizer import load_clip_tokenizer
+        from erasekit.world.tokenizer import TOKENIZER_DIR, load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer(TOKENIZER_DIR)
     vocab = tokenizer.get_vocab()

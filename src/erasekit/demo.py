@@ -5,6 +5,11 @@
 3. Erase the object with UCE (closed form, under a second), preserving the other nine objects.
 4. Evaluate the edited model on the same prompts and seeds.
 5. Print the table and write ``report.html`` with a before/after grid.
+
+The output is a run directory (:class:`erasekit.rundir.RunDir`): ``run.json``, ``edit/``,
+``eval/shapes-objects/`` (the edited model) and ``eval/shapes-objects.original/`` (the base model),
+each with its images, index and ``metrics.json``; ``metrics.json`` (both, side by side) and
+``report.html``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,17 @@ from typing import Any
 
 import numpy as np
 
+import erasekit
+from erasekit.eval.detectors import load_detector
+from erasekit.eval.generate import load_images, read_index
+from erasekit.eval.protocols import evaluate
+from erasekit.html import Markup, config_block, figure, image_grid, table, write_report
+from erasekit.pipeline import base_info
+from erasekit.rundir import RunDir
 from erasekit.world.shapes import COLOURS, OBJECTS
+
+PROTOCOL = "shapes-objects"
+ORIGINAL = f"{PROTOCOL}.original"  # eval/ folder of the base model's evaluation
 
 DEMO_SEEDS_SHOWN = 6
 # UCE's erase scale s_e. With the authors' default (1) 'triangle' kept 20% of its detections on seeds
@@ -26,18 +41,15 @@ DEMO_ERASE_SCALE = 10.0
 
 def demo_templates() -> list[str]:
     """The contexts the erased word appears in: ShapesWorld's caption openings, bare and with each colour."""
-    return ["{}", "a {}", "a picture of a {}", "a drawing of a {}", "an image of a {}"] + [f"a {c} {{}}" for c in COLOURS]
+    return ["{}", "a {}", "a picture of a {}", "a drawing of a {}", "an image of a {}"] + [
+        f"a {c} {{}}" for c in COLOURS
+    ]
 
 
-def run_demo(out: str | Path = "runs/demo", concept: str = "triangle", n_per_class: int = 20, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", concept: str = "triangle", n_per_class: int = 20, progress: bool = True
+) -> dict[str, Any]:
     """Run the demo into ``out``; returns the metrics of both models."""
-    import erasekit
-    from erasekit.eval.detectors import load_detector
-    from erasekit.eval.generate import load_images, read_index
-    from erasekit.eval.protocols import evaluate
-    from erasekit.io import write_json_atomic
-    from erasekit.runs import write_run_config
-
     if concept not in OBJECTS:
         raise ValueError(f"`concept` {concept!r} is not a miniature object; choose one of {', '.join(OBJECTS)}.")
     if n_per_class < 1:
@@ -50,20 +62,46 @@ def run_demo(out: str | Path = "runs/demo", concept: str = "triangle", n_per_cla
     pipe = erasekit.load_pipeline("shapes")
     det = load_detector("shapes")
     preserve = [o for o in OBJECTS if o != concept]
+    identity = {
+        "command": "demo",
+        "method": "uce",
+        "config": {"templates": demo_templates(), "erase_scale": DEMO_ERASE_SCALE},
+        "request": {"erase": [concept], "preserve": preserve, "anchor": None},
+        "base": {k: base_info(pipe).get(k) for k in ("id", "fingerprint")},
+        "n_per_class": n_per_class,
+    }
+    rd = RunDir.create(out, identity)
 
     say(f"2/5 evaluating the original model ({n_per_class} images x {len(OBJECTS)} objects)")
-    before = evaluate(pipe, "shapes-objects", erase=[concept], n_per_class=n_per_class, out_dir=out / "original", detector=det, progress=progress)
+    before = evaluate(
+        pipe,
+        "shapes-objects",
+        erase=[concept],
+        n_per_class=n_per_class,
+        out_dir=rd.eval_dir(ORIGINAL),
+        detector=det,
+        progress=progress,
+    )
 
     say(f"3/5 erasing {concept!r} with UCE, preserving {len(preserve)} objects")
     request = erasekit.EraseRequest([concept], preserve=preserve)
     t0 = time.time()
     edit = erasekit.erase(pipe, request, method="uce", templates=demo_templates(), erase_scale=DEMO_ERASE_SCALE)
     t_edit = time.time() - t0
-    edit.save(out / "edit")
+    rd.save_edit(edit)
+    rd.write_metrics(ORIGINAL, before)
     edit.apply_(pipe)
 
     say("4/5 evaluating the edited model on the same prompts and seeds")
-    after = evaluate(pipe, "shapes-objects", erase=[concept], n_per_class=n_per_class, out_dir=out / "edited", detector=det, progress=progress)
+    after = evaluate(
+        pipe,
+        "shapes-objects",
+        erase=[concept],
+        n_per_class=n_per_class,
+        out_dir=rd.eval_dir(PROTOCOL),
+        detector=det,
+        progress=progress,
+    )
 
     say("5/5 writing the report")
     summary = {
@@ -73,9 +111,10 @@ def run_demo(out: str | Path = "runs/demo", concept: str = "triangle", n_per_cla
         "edited": after,
         "psr1_drop_points": 100 * (before["psr_1"] - after["psr_1"]),
     }
-    write_json_atomic(out / "metrics.json", summary)
-    write_run_config(out, method="uce", config=edit.config, request=edit.metadata()["request"], base=edit.base, n_per_class=n_per_class, protocol="shapes-objects")
-    report = write_demo_report(out, concept, before, after, edit, load_images, read_index)
+    rd.write_metrics(PROTOCOL, after)
+    rd.write_json("metrics.json", summary)
+    report = write_demo_report(rd, concept, before, after, edit)
+    rd.mark("demo", "done", seconds=round(time.time() - t_start, 1))
     summary["total_seconds"] = round(time.time() - t_start, 1)
     print(format_table(concept, before, after, t_edit))
     print(f"report: {report}  (total {summary['total_seconds']:.0f} s)")
@@ -88,7 +127,10 @@ def format_table(concept: str, before: dict[str, Any], after: dict[str, Any], t_
     lines.append(f"  {'object':<10} {'original':>9} {'edited':>9}")
     for o in OBJECTS:
         mark = "  <- erased" if o == concept else ""
-        lines.append(f"  {o:<10} {100 * before['per_class'][o]['top1']:>8.1f}% {100 * after['per_class'][o]['top1']:>8.1f}%{mark}")
+        lines.append(
+            f"  {o:<10} {100 * before['per_class'][o]['top1']:>8.1f}% {100 * after['per_class'][o]['top1']:>8.1f}%{mark}"
+        )
+
     def cell(res: dict[str, Any], key: str) -> str:
         iv = res.get("intervals", {}).get(key)
         if iv is None:
@@ -107,24 +149,27 @@ def format_table(concept: str, before: dict[str, Any], after: dict[str, Any], t_
     return "\n".join(lines)
 
 
-def write_demo_report(out: Path, concept: str, before: dict, after: dict, edit, load_images, read_index) -> Path:
+def write_demo_report(rd: RunDir, concept: str, before: dict, after: dict, edit) -> Path:
     """report.html: numbers, before/after grid on the same prompts and seeds, the edit's config."""
-    from erasekit.report.html import Markup, config_block, figure, image_grid, table, write_report
 
-    def grid(run: str) -> Any:
-        recs = {(r["prompt"], r["seed"]): r for r in read_index(out / run)}
+    def grid(protocol: str) -> Any:
+        folder = rd.eval_dir(protocol)
+        recs = {(r["prompt"], r["seed"]): r for r in read_index(folder)}
         chosen = []
         for o in OBJECTS:
             rs = sorted((r for r in recs.values() if r["concept"] == o), key=lambda r: r["seed"])[:DEMO_SEEDS_SHOWN]
             chosen += rs
-        return image_grid(list(load_images(out / run, chosen)), cols=DEMO_SEEDS_SHOWN, scale=3, pad=2)
+        return image_grid(list(load_images(folder, chosen)), cols=DEMO_SEEDS_SHOWN, scale=3, pad=2)
 
     rows, classes = [], []
     for o in OBJECTS:
         b, a = before["per_class"][o]["top1"], after["per_class"][o]["top1"]
         rows.append([o + (" (erased)" if o == concept else ""), b, a, Markup(f"{100 * (a - b):+.1f}")])
         classes.append("erased" if o == concept else "")
-    summary_rows = [[m, before[k], after[k]] for m, k in (("ESR-1", "esr_1"), ("ESR-3", "esr_3"), ("PSR-1", "psr_1"), ("PSR-3", "psr_3"))]
+    summary_rows = [
+        [m, before[k], after[k]]
+        for m, k in (("ESR-1", "esr_1"), ("ESR-3", "esr_3"), ("PSR-1", "psr_1"), ("PSR-3", "psr_3"))
+    ]
     gone = after["esr_1"] >= 0.9
     kept = before["psr_1"] - after["psr_1"] <= 0.10
     verdict = (
@@ -136,16 +181,32 @@ def write_demo_report(out: Path, concept: str, before: dict, after: dict, edit, 
     pair = (
         "<p>Rows: the ten objects (prompt “a {colour} {object}”); columns: the first "
         f"{DEMO_SEEDS_SHOWN} seeds. Same prompts and seeds on both sides.</p><div class='pair'>"
-        + figure(grid("original"), "original")
-        + figure(grid("edited"), f"UCE, '{concept}' erased")
+        + figure(grid(ORIGINAL), "original")
+        + figure(grid(PROTOCOL), f"UCE, '{concept}' erased")
         + "</div>"
     )
     sections = [
         ("Result", verdict + table(["metric", "original", "edited"], summary_rows)),
         ("Before / after", pair),
         ("Per object (detector top-1)", table(["object", "original", "edited", "Δ points"], rows, classes)),
-        ("Edit", config_block({"method": edit.method, "config": edit.config, "request": edit.metadata()["request"], "base": edit.base, "changed_tensors": len(edit.tensors)})),
+        (
+            "Edit",
+            config_block(
+                {
+                    "method": edit.method,
+                    "config": edit.config,
+                    "request": edit.metadata()["request"],
+                    "base": edit.base,
+                    "changed_tensors": len(edit.tensors),
+                }
+            ),
+        ),
         ("Protocol", config_block({k: v for k, v in after.items() if k not in ("per_class",)})),
     ]
     n = np.mean([len(before["per_class"]) * before["n_per_class"]])
-    return write_report(out / "report.html", f"EraseKit demo: erasing “{concept}”", f"UCE on the bundled miniature Stable Diffusion; {int(n)} images per model.", sections)
+    return write_report(
+        rd.report_path,
+        f"EraseKit demo: erasing “{concept}”",
+        f"UCE on the bundled miniature Stable Diffusion; {int(n)} images per model.",
+        sections,
+    )

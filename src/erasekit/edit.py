@@ -11,21 +11,23 @@ import datetime as _dt
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
+from erasekit._version import __version__
 from erasekit.io import save_safetensors_atomic, write_json_atomic
 from erasekit.pipeline import base_info
 
 EDIT_TENSORS = "edit.safetensors"
 EDIT_META = "edit.json"
 EDIT_AUX = "edit_aux.safetensors"
+RUN_EDIT_DIR = "edit"  # a run directory's edit folder (erasekit.rundir.RunDir.edit_dir)
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,6 @@ class EraseRequest:
         return self.anchor or ""
 
 
-def _version() -> str:
-    from erasekit import __version__
-
-    return __version__
-
-
 @dataclass(frozen=True)
 class Edit:
     """Changed parameters (names as in ``pipe.components``, e.g. ``unet.down_blocks.0...``) and provenance."""
@@ -73,7 +69,7 @@ class Edit:
     config: dict[str, Any]
     request: EraseRequest
     base: dict[str, Any]
-    version: str = field(default_factory=_version)
+    version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     trace: dict[str, Any] = field(default_factory=dict)
     # Tensors kept with the edit that are not model parameters (e.g. RECE's derived embeddings);
@@ -206,8 +202,9 @@ class Edit:
 
     @classmethod
     def load(cls, directory: str | Path) -> Edit:
-        """Read an edit written by :meth:`save` (safetensors only; nothing is unpickled)."""
-        d = Path(directory)
+        """Read an edit written by :meth:`save` (safetensors only; nothing is unpickled). ``directory`` may
+        also be a run directory (:class:`erasekit.rundir.RunDir`), whose edit is in ``edit/``."""
+        d = edit_folder(directory) or Path(directory)
         if not (d / EDIT_META).exists() or not (d / EDIT_TENSORS).exists():
             raise FileNotFoundError(
                 f"No edit in {str(d)!r}: expected {EDIT_META} and {EDIT_TENSORS} (written by Edit.save)."
@@ -243,9 +240,9 @@ class Edit:
     def export(self, pipe, out: str | Path, format: str = "diffusers", **options: Any) -> Any:
         """Write this edit out of EraseKit as ``format`` (diffusers, lora, kohya, unet); ``pipe`` is the
         unedited base. See :func:`erasekit.export.export` (issue 16) for the options."""
-        from erasekit.export import export  # erasekit.export imports this module: import on use
-
-        return export(self, pipe, out, format, **options)
+        if _EXPORTER is None:
+            raise RuntimeError("No exporter is registered; `import erasekit` (it loads erasekit.export) first.")
+        return _EXPORTER(self, pipe, out, format, **options)
 
     def export_diffusers(self, pipe, out: str | Path, **options: Any) -> Any:
         """A pipeline folder stock ``StableDiffusionPipeline.from_pretrained`` loads (base's safety checker kept)."""
@@ -276,6 +273,29 @@ class Edit:
         return self.export(pipe, out, "unet", **options)
 
 
+# The function behind Edit.export*: erasekit.export registers it when imported (the package's __init__
+# imports it), so that this module never imports its exporters and there is no edit <-> export cycle,
+# while the export operations still sit on the edit, as diffusers keeps save/fuse/unfuse on one mixin.
+_EXPORTER: Callable[..., Any] | None = None
+
+
+def register_exporter(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Make ``fn(edit, pipe, out, format, **options)`` the implementation of :meth:`Edit.export`."""
+    global _EXPORTER
+    _EXPORTER = fn
+    return fn
+
+
+def edit_folder(directory: str | Path) -> Path | None:
+    """The folder holding an edit: ``directory`` itself (:meth:`Edit.save`) or its ``edit/`` (a run
+    directory); ``None`` if neither holds one."""
+    d = Path(directory)
+    for cand in (d, d / RUN_EDIT_DIR):
+        if (cand / EDIT_META).is_file():
+            return cand
+    return None
+
+
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 (16 hex digits) over sorted names, dtypes, shapes and raw bytes of ``tensors``."""
     h = hashlib.sha256()
@@ -289,7 +309,6 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 def with_touched_digest(edit: Edit, pipe) -> Edit:
     """The edit with ``base["touched_digest"]``: the digest of ``pipe``'s values of every parameter it
     overwrites, taken from the pipeline the edit was computed on (see :meth:`Edit.check_base`)."""
-    from dataclasses import replace
 
     params = {n: get_parameter(pipe, n) for n in edit.tensors}
     dtypes = {str(p.dtype) for p in params.values()}

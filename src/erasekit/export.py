@@ -45,10 +45,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from erasekit.edit import Edit, get_parameter
+from erasekit._version import __version__
+from erasekit.edit import Edit, get_parameter, register_exporter
 from erasekit.io import save_safetensors_atomic, write_json_atomic
-from erasekit.pipeline import fingerprint
+from erasekit.pipeline import BUNDLED, fingerprint
 
 FORMATS = ("diffusers", "lora", "kohya", "unet")
 ExportFormat = Literal["diffusers", "lora", "kohya", "unet"]
@@ -428,7 +431,6 @@ def check_out_dir(out: str | Path) -> None:
 
 def base_folder(edit: Edit) -> Path | None:
     """The base model's local diffusers folder, when the edit's base is local or bundled (else ``None``)."""
-    from erasekit.pipeline import BUNDLED
 
     path = edit.base.get("path")
     if path and Path(path).is_dir():
@@ -498,6 +500,7 @@ class ExportResult:
     card: str = ""
 
 
+@register_exporter
 def export(
     edit: Edit,
     pipe,
@@ -559,6 +562,8 @@ def export(
             with edit.applied(pipe):
                 pipe.unet.save_pretrained(tmp, safe_serialization=True)
         elif format == "lora":
+            # kept here: importing diffusers' pipeline module pulls transformers' image processors, which
+            # warn on every `import erasekit` where torchvision is not installed
             from diffusers import StableDiffusionPipeline
 
             StableDiffusionPipeline.save_lora_weights(
@@ -610,7 +615,6 @@ def kohya_state_dict(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, to
     alpha_pattern keys that match no module (``...attn2.processor.to_k_lora.down.weight``) and
     silently scales the minority-rank layers wrongly (measured: 1.7 max weight error).
     """
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     peft = {f"{comp}.{k}": v for comp, sd in states.items() for k, v in sd.items()}
     if any(k.endswith(".bias") for k in peft):
@@ -640,8 +644,6 @@ def export_record(
 ) -> dict[str, Any]:
     """``export.json``: the format, the edit's provenance (config, request, base fingerprint), the
     LoRA report and the metrics the card cites."""
-    from erasekit import __version__
-
     meta = edit.metadata()
     return {
         "format": format,
@@ -725,7 +727,6 @@ def _metric_name(key: str) -> str:
 
 def eval_results(metrics: list[dict[str, Any]], model_name: str) -> list[Any]:
     """huggingface_hub ``EvalResult``s, one per metric value, each with its protocol, detector and seeds."""
-    from huggingface_hub import EvalResult
 
     results = []
     for m in metrics:
@@ -750,7 +751,6 @@ def eval_results(metrics: list[dict[str, Any]], model_name: str) -> list[Any]:
 
 def _hub_id(edit: Edit) -> str | None:
     """The base's hub id (``None`` for a local folder or the bundled miniature)."""
-    from erasekit.pipeline import BUNDLED
 
     bid = edit.base.get("id")
     if not bid or bid in BUNDLED or edit.base.get("path") or bid == "unknown":
@@ -759,7 +759,6 @@ def _hub_id(edit: Edit) -> str | None:
 
 
 def _base_license(edit: Edit) -> str | None:
-    from huggingface_hub import ModelCard
 
     base = base_folder(edit)
     if base is not None and (base / CARD).exists():
@@ -825,7 +824,6 @@ def model_card(
 ):
     """A huggingface_hub ``ModelCard`` (``ModelCardData``: base_model, license, tags, ``EvalResult``s
     from ``metrics``) with the edit's request, config and base fingerprint."""
-    from huggingface_hub import ModelCard, ModelCardData
 
     name = model_name or f"{edit.method.upper()}: {', '.join(edit.request.erase)} erased"
     hub = _hub_id(edit)
@@ -909,7 +907,6 @@ def push_to_hub(
     folder: str | Path, repo_id: str, *, private: bool = True, token: str | None = None, api: Any = None
 ) -> Any:
     """Upload an export folder to the Hugging Face hub (``HfApi.create_repo`` then ``upload_folder``)."""
-    from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not (folder / EXPORT_META).exists():

@@ -36,11 +36,14 @@ minimise at one step; the core does everything else:
    uninterrupted run drew. A checkpoint holds the trainable tensors, the optimizer's state, the
    method's own state (e.g. AP's logits and their optimizer), the producer's state (the pooled
    producer's remaining latents) and the step log; resuming with another producer is refused.
-5. **Run directories.** ``run_dir`` gets ``run.json`` (config, its hash, request, base model),
+5. **Run directories.** ``run_dir`` is a run directory (:class:`erasekit.rundir.RunDir`; its
+   ``run.json`` is made if it has none). The fine-tuning goes to its ``train/``: ``train.json`` (the
+   run's identity: method, config, request, base fingerprint, seed; and its hash),
    ``checkpoints/step-XXXXXXXX/`` every ``checkpoint_every`` steps (written to a temporary folder,
    then renamed, so a crash never leaves half a checkpoint), ``log.jsonl`` (one record per step:
-   concepts, timestep, losses and the method's records, e.g. AP's adversarial concept) and the
-   final ``edit/``. Resuming with a different config is a ``ValueError`` and nothing is written.
+   concepts, timestep, losses and the method's records, e.g. AP's adversarial concept); the final
+   edit goes to ``edit/``. Resuming with a different config is a ``ValueError`` naming the differing
+   keys, and nothing is written.
 
 Several erased concepts are used per step (``concepts_per_step``; the papers use one, batch size 1).
 """
@@ -69,6 +72,7 @@ from erasekit.edit import Edit, EraseRequest
 from erasekit.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from erasekit.methods.base import is_read
 from erasekit.pipeline import base_info, encode_prompts
+from erasekit.rundir import ResumableDir, RunDir, RunDirMismatch
 from erasekit.targets import select_parameters
 
 # ESD-u as ESD's code selects it: everything except cross-attention, the global time embedding MLP
@@ -80,11 +84,11 @@ TRAIN_METHODS: dict[str, str] = {"xattn": "xattn", "kv": "kv", "noxattn": ESD_U_
 ZT_PRODUCERS = ("exact", "batched", "pooled", "trained")
 ZtProducerName = Literal["exact", "batched", "pooled", "trained"]  # methods that redeclare the default use it
 
-RUN_JSON = "run.json"
+TRAIN_DIR = "train"  # inside the run directory (RunDir.train_dir)
+TRAIN_JSON = "train.json"
 LOG_JSONL = "log.jsonl"
 CHECKPOINTS = "checkpoints"
 PRODUCER_FILE = "producer.safetensors"
-EDIT_DIR = "edit"
 
 
 def resolve_target(train_method: str) -> str:
@@ -738,8 +742,9 @@ def finetune(
     }
     digest = config_hash(identity)
     run_dir = Path(config.run_dir) if config.run_dir else None
-    if run_dir is not None:
-        _check_run_dir(run_dir, identity, digest, config.resume)
+    train_dir = run_dir / TRAIN_DIR if run_dir is not None else None
+    if train_dir is not None:
+        _check_train_dir(train_dir, identity, digest, config.resume)
 
     ctx = FinetuneContext(pipe, config.train_method, ddim_steps=config.ddim_steps)
     loss_fn.setup(ctx)
@@ -759,16 +764,18 @@ def finetune(
     t0 = time.time()  # the producer's first batch is part of the run's time
     if start < config.steps:
         producer.prepare(start)  # e.g. the first pool: a batch too large for memory fails before anything is written
-    if run_dir is not None:
-        write_json_atomic(
-            run_dir / RUN_JSON, {**identity, "config_hash": digest, "base": base, "config_all": asdict(config)}
+    if train_dir is not None:
+        if not RunDir.is_run(run_dir):  # called from the API: the run directory is made here
+            RunDir.create(run_dir, {"method": method, **identity})
+        ResumableDir(train_dir, identity, meta=TRAIN_JSON, what="fine-tuning run").update_meta(
+            config_hash=digest, base=base, config_all=asdict(config)
         )
         _write_log(run_dir, log)
 
     # 1. The loop: the producer's concepts and z_t, the method's loss, one optimizer step.
     running: dict[str, float] = {}
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=method, disable=not progress)
-    log_file = open(run_dir / LOG_JSONL, "a", encoding="utf-8") if run_dir is not None else None  # noqa: SIM115
+    log_file = open(train_dir / LOG_JSONL, "a", encoding="utf-8") if train_dir is not None else None  # noqa: SIM115
     try:
         for step in bar:
             batch = producer.batch(step)
@@ -817,12 +824,12 @@ def finetune(
     }
     if run_dir is not None:
         trace["run_dir"] = str(run_dir)
-        trace["log_path"] = str(run_dir / LOG_JSONL)
+        trace["log_path"] = str(train_dir / LOG_JSONL)
     edit = Edit(
         tensors=ctx.current_tensors(), method=method, config=asdict(config), request=request, base=base, trace=trace
     )
     if run_dir is not None:
-        edit.save(run_dir / EDIT_DIR)
+        RunDir.open(run_dir).save_edit(edit)
     return FinetuneResult(
         edit=edit, extra={k: v.detach().clone() for k, v in loss_fn.extra_tensors().items()}, run_dir=run_dir
     )
@@ -833,24 +840,27 @@ def _round(d: dict[str, float]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _check_run_dir(run_dir: Path, identity: dict[str, Any], digest: str, resume: bool) -> None:
-    """Refuse a run directory that holds a different run, or any run when not resuming (writes nothing)."""
-    meta_path = run_dir / RUN_JSON
-    if not meta_path.exists():
-        if run_dir.exists() and any(run_dir.iterdir()):
+def _check_train_dir(train_dir: Path, identity: dict[str, Any], digest: str, resume: bool) -> None:
+    """Refuse a ``train/`` folder that holds a different run, or any run when not resuming (writes nothing)."""
+    if not (train_dir / TRAIN_JSON).exists():
+        if train_dir.exists() and any(not p.name.endswith(".lock") for p in train_dir.iterdir()):
             raise ValueError(
-                f"`run_dir` {str(run_dir)!r} is not empty and holds no run ({RUN_JSON} missing); choose a new directory."
+                f"`run_dir` {str(train_dir.parent)!r} has a non-empty {TRAIN_DIR}/ that holds no run ({TRAIN_JSON} "
+                "missing); choose a new directory."
             )
         return
-    meta = json.loads(meta_path.read_text())
+    meta = ResumableDir.read_meta(train_dir, TRAIN_JSON) or {}
     if not resume:
         raise ValueError(
-            f"`run_dir` {str(run_dir)!r} already holds a run (config hash {meta.get('config_hash')}). "
+            f"`run_dir` {str(train_dir.parent)!r} already holds a run (config hash {meta.get('config_hash')}). "
             "Pass resume=True to continue it, or choose another run_dir; nothing was overwritten."
         )
-    if meta.get("config_hash") != digest:
-        diff = _diff(meta, identity)
-        old_p, new_p = (meta.get("config") or {}).get("zt_producer"), identity["config"].get("zt_producer")
+    try:
+        ResumableDir.check(train_dir, identity, meta=TRAIN_JSON, what="fine-tuning run")
+    except RunDirMismatch as e:
+        run_dir, diff = train_dir.parent, e.differences
+        old_p = ((meta.get("identity") or {}).get("config") or {}).get("zt_producer")
+        new_p = identity["config"].get("zt_producer")
         if old_p != new_p:
             raise ValueError(
                 f"Cannot resume {str(run_dir)!r} with zt_producer={new_p!r}: it was started with "
@@ -858,27 +868,12 @@ def _check_run_dir(run_dir: Path, identity: dict[str, Any], digest: str, resume:
                 f"so it continues only with the producer it started with (config hash {meta.get('config_hash')} != "
                 f"{digest}; differing: {diff}). Resume with zt_producer={old_p!r}, or start a new run_dir; "
                 "nothing was overwritten."
-            )
+            ) from None
         raise ValueError(
             f"Cannot resume {str(run_dir)!r}: it was started with a different configuration "
             f"(hash {meta.get('config_hash')} != {digest}; differing: {diff}). Use the original settings or a new "
             "run_dir; nothing was overwritten."
-        )
-
-
-def _diff(meta: dict[str, Any], identity: dict[str, Any]) -> list[str]:
-    out = []
-    for k, v in identity.items():
-        old = meta.get(k)
-        if isinstance(v, dict) and isinstance(old, dict):
-            out += [
-                f"{k}.{kk}: {old.get(kk)!r} -> {vv!r}"
-                for kk, vv in v.items()
-                if json.dumps(old.get(kk), default=str) != json.dumps(vv, default=str)
-            ]
-        elif json.dumps(old, default=str) != json.dumps(v, default=str):
-            out.append(f"{k}: {old!r} -> {v!r}")
-    return out
+        ) from None
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -910,7 +905,7 @@ def _save_checkpoint(
     keep: int,
 ) -> None:
     """Write ``checkpoints/step-XXXXXXXX`` atomically (a temporary folder renamed into place)."""
-    root = run_dir / CHECKPOINTS
+    root = run_dir / TRAIN_DIR / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -930,7 +925,7 @@ def _save_checkpoint(
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder of a run, or ``None``."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = Path(run_dir) / TRAIN_DIR / CHECKPOINTS
     done = sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
     return done[-1] if done else None
 
@@ -963,10 +958,10 @@ def _load_latest_checkpoint(
 
 def _write_log(run_dir: Path, log: list[dict[str, Any]]) -> None:
     """Rewrite ``log.jsonl`` with the records up to the checkpoint (later ones are recomputed)."""
-    write_text_atomic(run_dir / LOG_JSONL, "".join(json.dumps(r, sort_keys=True) + "\n" for r in log))
+    write_text_atomic(run_dir / TRAIN_DIR / LOG_JSONL, "".join(json.dumps(r, sort_keys=True) + "\n" for r in log))
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """The step records of a run's ``log.jsonl``."""
-    path = Path(run_dir) / LOG_JSONL
+    path = Path(run_dir) / TRAIN_DIR / LOG_JSONL
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

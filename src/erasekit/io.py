@@ -9,6 +9,7 @@ line cut by a crash: the reader drops an unterminated last line and the next app
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -103,7 +104,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{str(path)!r} line {i} is not valid JSON ({e}); the file was changed by hand or by another program.") from e
+            raise ValueError(
+                f"{str(path)!r} line {i} is not valid JSON ({e}); the file was changed by hand or by another program."
+            ) from e
     return out
 
 
@@ -118,7 +121,9 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Save tensors with safetensors, atomically."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -142,7 +147,6 @@ def _json_default(o: Any) -> Any:
 
 def file_digest(path: str | Path, n: int = 12) -> str:
     """First ``n`` hex digits of a file's SHA-256 (detector and model versions)."""
-    import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -29,6 +29,7 @@ import os
 import re
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from erasekit._version import __version__
-from erasekit.edit import EDIT_META, Edit
+from erasekit.edit import EDIT_META, RUN_EDIT_DIR, Edit, edit_folder
 from erasekit.io import append_jsonl, atomic_path, jsonable, read_jsonl, write_json_atomic, write_text_atomic
 from erasekit.runs import LOCK_FILE, git_commit, locked
 
@@ -50,12 +51,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 class RunDirMismatch(ValueError):
     """A directory holds results made with other settings than the ones asked for."""
 
-    def __init__(self, path: Path, differences: list[str], what: str = "run directory") -> None:
+    def __init__(self, path: Path, differences: list[str], what: str = "run directory", *, detail: str = "") -> None:
         self.path = Path(path)
         self.differences = differences
         shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        detail = detail or f"was made with other settings ({shown})"
         super().__init__(
-            f"{what.capitalize()} {str(path)!r} was made with other settings ({shown}). Use the original settings, "
+            f"{what.capitalize()} {str(path)!r} {detail}. Use the original settings, "
             "choose another folder, or pass --force (force=True) to start it again with the new ones; nothing was "
             "overwritten."
         )
@@ -75,6 +77,14 @@ def identity_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
                 out += identity_diff(old[k], new[k], name)
         return out
     return [] if old == new else [f"{prefix or 'identity'}: {old!r} -> {new!r}"]
+
+
+def config_settings(config: Any) -> dict[str, Any]:
+    """A config dataclass as identity data: every field except those that only control how a run is
+    executed (``metadata={"run": True}``: run_dir, resume, checkpointing), plus its preset's name."""
+    out = {f.name: getattr(config, f.name) for f in fields(config) if not f.metadata.get("run")}
+    preset = getattr(config, "_erasekit_preset", None)
+    return jsonable({**out, **({"preset": preset} if preset else {})})
 
 
 def check_name(kind: str, name: str) -> str:
@@ -138,13 +148,38 @@ class ResumableDir:
         self.what = what
         self.identity: dict[str, Any] = jsonable(identity)
         with _meta_lock(self.path):
-            old = self._read_meta()
-            if old is not None and not force:
-                diff = identity_diff(old["identity"], self.identity)
-                if diff:
-                    raise RunDirMismatch(self.path, diff, what)
+            if not force and self.check(self.path, self.identity, meta=meta, what=what):
                 return
             self._write_meta(self._fresh_meta())
+
+    @classmethod
+    def at(cls, path: str | Path, meta: str = IDENTITY_JSON, *, what: str = "directory") -> ResumableDir:
+        """The folder ``path`` as it is, without an identity check (reading, merging shards); its identity
+        is the one recorded, or ``{}`` when there is none yet."""
+        rd = cls.__new__(cls)
+        rd.path, rd.meta_name, rd.what = Path(path), meta, what
+        rec = _read_meta_file(rd.path / meta)
+        rd.identity = rec["identity"] if rec else {}
+        return rd
+
+    @staticmethod
+    def read_meta(path: str | Path, meta: str = IDENTITY_JSON) -> dict[str, Any] | None:
+        """The identity file ``path/meta`` (``{"layout", "identity", ...}``), or ``None`` if there is none."""
+        return _read_meta_file(Path(path) / meta)
+
+    @staticmethod
+    def check(
+        path: str | Path, identity: dict[str, Any], *, meta: str = IDENTITY_JSON, what: str = "directory"
+    ) -> bool:
+        """Whether ``path`` already holds results of ``identity`` (``False``: none yet); raises
+        :class:`RunDirMismatch` if it holds another identity's. Writes nothing."""
+        old = _read_meta_file(Path(path) / meta)
+        if old is None:
+            return False
+        diff = identity_diff(old["identity"], jsonable(identity))
+        if diff:
+            raise RunDirMismatch(Path(path), diff, what)
+        return True
 
     # ------------------------------------------------------------------ the identity file
     def _fresh_meta(self) -> dict[str, Any]:
@@ -312,6 +347,12 @@ class RunDir(ResumableDir):
         ``force=True`` rewrites the identity (and clears the stage marks)."""
         return cls(path, identity, force=force)
 
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        """Whether ``path`` has a ``run.json`` of this layout."""
+        meta = _read_meta_file(Path(path) / RUN_JSON)
+        return meta is not None and meta["layout"] >= 1
+
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
         """The existing run directory ``path``; a clear error if it is not one."""
@@ -350,7 +391,7 @@ class RunDir(ResumableDir):
     @property
     def edit_dir(self) -> Path:
         """``edit/``: the folder :meth:`Edit.save` writes."""
-        return self.path / "edit"
+        return self.path / RUN_EDIT_DIR
 
     @property
     def train_dir(self) -> Path:
@@ -377,10 +418,7 @@ class RunDir(ResumableDir):
 
     # ------------------------------------------------------------------ the edit
     def _edit_folder(self) -> Path | None:
-        for d in (self.edit_dir, self.path):  # the layout before run.json kept the edit at the top
-            if (d / EDIT_META).exists():
-                return d
-        return None
+        return edit_folder(self.path)  # edit/, or the top of the folder in the layout before run.json
 
     def has_edit(self) -> bool:
         """Whether the run holds an edit (in ``edit/``, or at the top in the older layout)."""

@@ -6,6 +6,7 @@ finishes, so a bad argument never leaves a half-written run behind.
 
 from __future__ import annotations
 
+import ast
 import errno
 import fcntl
 import math
@@ -20,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from erasekit._version import __version__
 from erasekit.io import write_json_atomic
 
 LOCK_FILE = ".lock"
@@ -83,7 +85,9 @@ def run_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise NotADirectoryError(f"Run directory {str(p)!r} is a file; choose another --out.")
     visible = [c for c in p.iterdir() if not c.name.endswith(LOCK_FILE)] if existed else []
     if visible and not overwrite:
-        raise FileExistsError(f"Run directory {str(p)!r} exists and is not empty; pass --overwrite or choose another --out.")
+        raise FileExistsError(
+            f"Run directory {str(p)!r} exists and is not empty; pass --overwrite or choose another --out."
+        )
     if visible:  # --overwrite: the outputs derived from the previous edit would now describe the wrong one
         for name in STALE_ON_OVERWRITE:
             (p / name).unlink(missing_ok=True)
@@ -102,7 +106,12 @@ def git_commit() -> str | None:
     """The source tree's git commit, if it is a checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=False
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -111,16 +120,15 @@ def git_commit() -> str | None:
 
 def write_run_config(directory: Path, **sections: Any) -> None:
     """``config.json`` with sorted keys, the package version and git commit."""
-    from erasekit import __version__
-
-    write_json_atomic(directory / "config.json", {**sections, "erasekit_version": __version__, "git_commit": git_commit()})
+    write_json_atomic(
+        directory / "config.json", {**sections, "erasekit_version": __version__, "git_commit": git_commit()}
+    )
 
 
 def parse_overrides(config_class: type, pairs: list[str]) -> dict[str, Any]:
     """``["lamb=0.1", "templates=['{}','a {}']"]`` -> overrides for ``config_class``, each checked against
     the field's type (``resume=false`` is ``False``, ``lamb=abc`` and ``lamb=1e999`` are errors naming
     the option and what it takes)."""
-    import ast
 
     valid = {f.name: f for f in fields(config_class)}
     hints = typing.get_type_hints(config_class)

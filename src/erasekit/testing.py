@@ -100,8 +100,8 @@ TINY_CLIP = dict(
 
 
 def tiny_clip_scorer(seed: int = 0, batch_size: int = 64, name: str | None = None):
-    """A :class:`~erasekit.analysis.clip_score.ClipScorer` over a random tiny CLIP (real transformers classes)."""
-    from erasekit.analysis.clip_score import ClipScorer
+    """A :class:`~erasekit.eval.clip_score.ClipScorer` over a random tiny CLIP (real transformers classes)."""
+    from erasekit.eval.clip_score import ClipScorer
     from erasekit.world import clip as wclip
     from erasekit.world.tokenizer import load_clip_tokenizer
 

@@ -5,7 +5,6 @@ Plots and HTML fragments live in :mod:`erasekit.analysis.plots` and :mod:`erasek
 (they import matplotlib, so they are not imported here).
 """
 
-from erasekit.analysis.clip_score import ClipScorer, clip_score
 from erasekit.analysis.diff import DiffConfig, DiffResult, diff_images, edited_copy, inspect_difference, run_diff
 from erasekit.analysis.graph import ConceptGraph, run_graph, text_distances
 from erasekit.analysis.spectrum import (
@@ -17,6 +16,7 @@ from erasekit.analysis.spectrum import (
     sensitivity_spectrum,
     spectrum_for_edit,
 )
+from erasekit.eval.clip_score import ClipScorer, clip_score
 
 __all__ = [
     "ClipScorer",

@@ -1,4 +1,4 @@
-"""Self-contained HTML fragments of the analysis, for :func:`erasekit.report.html.write_report`.
+"""Self-contained HTML fragments of the analysis, for :func:`erasekit.html.write_report`.
 
 Each function returns an HTML string (no ``<h2>``: ``write_report`` adds the section heading) whose
 figures are embedded as base64 PNG, so the page opens in a browser with no server and no files
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from erasekit.analysis import plots
-from erasekit.report.html import table
+from erasekit.html import table
 
 TRACE_KEYS = ("adversarial", "adversarial_concept", "c_a", "target", "concept", "concepts")
 """Record fields :func:`method_trace_section` looks for, in order, when ``key`` is not given."""

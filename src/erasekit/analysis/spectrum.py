@@ -159,7 +159,7 @@ def concept_scores(
 
     Row ``c`` holds the scores of the images of concept ``c`` generated from the ``k`` fixed seeds
     of ``config``, each scored against ``config.text(c)`` by ``scorer`` (anything with
-    ``score(images, texts) -> (N,)``, e.g. :class:`~erasekit.analysis.clip_score.ClipScorer`).
+    ``score(images, texts) -> (N,)``, e.g. :class:`~erasekit.eval.clip_score.ClipScorer`).
     ``source`` is a pipeline or an :data:`ImageSource`. ``timing`` (if given) accumulates
     ``generate_s`` and ``score_s``.
     """

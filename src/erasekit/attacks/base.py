@@ -13,8 +13,10 @@ Every attack is a class registered with :func:`register_attack`; it gets its con
 generator seeded by ``(seed, i)`` alone, so a run resumed after a crash gives exactly what an
 uninterrupted run gives.
 
-A run directory (``out_dir/<attack>/``) holds ``attack.json`` (attack, concept, config, seeds,
-sampler and both models' weight fingerprints; resuming with anything different is an error),
+An attack folder (``out_dir/<attack>/``, a :class:`erasekit.rundir.ResumableDir`; in a run directory
+``RunDir.attack_dir(name)``) holds ``attack.json`` (its identity: attack, concept, config, seeds,
+sampler and both models' weight fingerprints; resuming with anything different is an error naming
+what differs; and the one-off ``prepare_cost``),
 ``records.jsonl`` (one line per prompt: adversarial prompt/ids, image paths, cost), ``images/``
 and ``embeds/`` (safetensors). Prompts already recorded are skipped.
 """
@@ -37,8 +39,9 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from erasekit.eval.generate import SamplingConfig, generate_images, initial_latents
-from erasekit.io import atomic_path, save_safetensors_atomic, write_json_atomic
+from erasekit.io import save_safetensors_atomic
 from erasekit.pipeline import encode_prompts, fingerprint
+from erasekit.rundir import ResumableDir
 
 RECORDS = "records.jsonl"
 IDENTITY = "attack.json"
@@ -402,21 +405,15 @@ def _identity(name: str, concept: str, cfg: Any, seed: int, n_images: int, sampl
     )
 
 
-def _read_records(d: Path) -> dict[int, dict[str, Any]]:
-    path = d / RECORDS
-    done: dict[int, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash: that prompt is redone
-                    continue
-                if all((d / p).exists() for p in r["images"]) and (
-                    r.get("embeds") is None or (d / r["embeds"]).exists()
-                ):
-                    done[int(r["index"])] = r
-    return done
+def _read_records(folder: ResumableDir) -> dict[int, dict[str, Any]]:
+    """The prompts already done: records whose images (and embedding) exist; a line cut by a crash is
+    dropped (that prompt is redone)."""
+    d = folder.path
+
+    def whole(r: dict[str, Any]) -> bool:
+        return all((d / p).exists() for p in r["images"]) and (r.get("embeds") is None or (d / r["embeds"]).exists())
+
+    return {int(r["index"]): r for r in folder.records(RECORDS, valid=whole)}
 
 
 def _images_for(output: AttackOutput, edited: Any, seeds: list[int], sampling: SamplingConfig) -> np.ndarray:
@@ -476,18 +473,14 @@ def run_attack(
     memory_images: dict[int, np.ndarray] = {}
     embeds: dict[int, torch.Tensor] = {}
     prepare_cost: dict[str, Any] = {}
+    folder: ResumableDir | None = None
     if d is not None:
         ident = _identity(name, concept, config, seed, n_images, sampling, edited, original)
-        if (d / IDENTITY).exists():
-            old = json.loads((d / IDENTITY).read_text())
-            prepare_cost = old.pop("prepare_cost", {})
-            if old != ident:
-                changed = sorted(k for k in ident if old.get(k) != ident[k])
-                raise ValueError(
-                    f"{str(d)!r} holds a run of attack {name!r} with other settings ({', '.join(changed)}); "
-                    "choose another `out_dir` or delete it."
-                )
-        done = {i: r for i, r in _read_records(d).items() if i < len(prompts) and r["prompt"] == prompts[i]}
+        what = f"folder of attack {name!r}"
+        if ResumableDir.check(d, ident, meta=IDENTITY, what=what):  # refuses other settings, naming them
+            folder = ResumableDir(d, ident, meta=IDENTITY, what=what)
+            prepare_cost = folder.meta.get("prepare_cost", {})
+            done = {i: r for i, r in _read_records(folder).items() if i < len(prompts) and r["prompt"] == prompts[i]}
 
     todo = [i for i in range(len(prompts)) if i not in done]
     attack = spec.cls(config)
@@ -497,56 +490,46 @@ def run_attack(
             attack.prepare(ctx)
         if not prepare_cost:
             prepare_cost = {"seconds": round(time.perf_counter() - t0, 4), **counter.counts()}
-        if d is not None:
-            d.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(d / IDENTITY, {**ident, "prepare_cost": prepare_cost})
+        if d is not None:  # written once prepare() succeeded: a failed start leaves no folder behind
+            folder = ResumableDir(d, ident, meta=IDENTITY, what=f"folder of attack {name!r}")
+            folder.update_meta(prepare_cost=prepare_cost)
 
-    fh = open(d / RECORDS, "a", encoding="utf-8") if d is not None and todo else None  # noqa: SIM115
-    try:
-        for i in tqdm(todo, desc=f"attack {name}", disable=not progress, unit="prompt"):
-            gen = prompt_generator(seed, i)
-            t0 = time.perf_counter()
-            with CallCounter(edited, original) as c_att:
-                out = attack.attack(ctx, prompts[i], i, gen)
-            t1 = time.perf_counter()
-            seeds = image_seeds(i, n_images, seed)
-            with CallCounter(edited, original) as c_gen:
-                imgs = _images_for(out, edited, seeds, sampling)
-            t2 = time.perf_counter()
-            rec: dict[str, Any] = {
-                "index": i,
-                "prompt": prompts[i],
-                "adv_prompt": out.prompt,
-                "token_ids": out.token_ids,
-                "embeds": None,
-                "seeds": seeds,
-                "images": [],
-                "meta": out.meta,
-                "cost": {
-                    "attack": {"seconds": round(t1 - t0, 4), **c_att.counts()},
-                    "generate": {"seconds": round(t2 - t1, 4), **c_gen.counts()},
-                },
-            }
-            if out.prompt_embeds is not None:
-                embeds[i] = out.prompt_embeds.detach().float().cpu()
-            if d is None:
-                memory_images[i] = imgs
-                done[i] = rec
-                continue
-            for j, img in enumerate(imgs):
-                rel = f"images/{i:05d}-{j}.png"
-                with atomic_path(d / rel) as tmp:
-                    Image.fromarray(img).save(tmp, format="PNG")
-                rec["images"].append(rel)
-            if out.prompt_embeds is not None:
-                rec["embeds"] = f"embeds/{i:05d}.safetensors"
-                save_safetensors_atomic({"prompt_embeds": embeds[i]}, d / rec["embeds"])
-            fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
-            fh.flush()
+    for i in tqdm(todo, desc=f"attack {name}", disable=not progress, unit="prompt"):
+        gen = prompt_generator(seed, i)
+        t0 = time.perf_counter()
+        with CallCounter(edited, original) as c_att:
+            out = attack.attack(ctx, prompts[i], i, gen)
+        t1 = time.perf_counter()
+        seeds = image_seeds(i, n_images, seed)
+        with CallCounter(edited, original) as c_gen:
+            imgs = _images_for(out, edited, seeds, sampling)
+        t2 = time.perf_counter()
+        rec: dict[str, Any] = {
+            "index": i,
+            "prompt": prompts[i],
+            "adv_prompt": out.prompt,
+            "token_ids": out.token_ids,
+            "embeds": None,
+            "seeds": seeds,
+            "images": [],
+            "meta": out.meta,
+            "cost": {
+                "attack": {"seconds": round(t1 - t0, 4), **c_att.counts()},
+                "generate": {"seconds": round(t2 - t1, 4), **c_gen.counts()},
+            },
+        }
+        if out.prompt_embeds is not None:
+            embeds[i] = out.prompt_embeds.detach().float().cpu()
+        if folder is None:
+            memory_images[i] = imgs
             done[i] = rec
-    finally:
-        if fh is not None:
-            fh.close()
+            continue
+        rec["images"] = [folder.write_png(f"images/{i:05d}-{j}.png", img) for j, img in enumerate(imgs)]
+        if out.prompt_embeds is not None:
+            rec["embeds"] = f"embeds/{i:05d}.safetensors"
+            save_safetensors_atomic({"prompt_embeds": embeds[i]}, folder.file(rec["embeds"]))
+        folder.append(RECORDS, json.loads(json.dumps(rec, sort_keys=True, default=str)))
+        done[i] = rec
 
     records = [done[i] for i in range(len(prompts))]
     if d is not None:

@@ -1,20 +1,27 @@
 """Detectors turn images into per-concept scores; metrics read their top-k.
 
 A detector has a ``name``, a ``version``, ``heads`` (head name -> class names) and
-``predict(images) -> {head: probabilities (N, C)}`` for uint8 images (N, H, W, 3). The miniature's
-:class:`ShapesWorldDetector` has heads ``object``, ``colour``, ``background``, ``style`` and
-``unsafe``; real-model detectors (ImageNet ResNet-50, NudeNet) implement the same interface.
+``predict(images) -> {head: probabilities (N, C)}`` for uint8 images (N, H, W, 3). Detectors are
+plug-ins: a module registers a loader by name with :func:`register_detector` (the miniature's
+``"shapes"`` CNN, :class:`erasekit.world.detector.ShapesWorldDetector`, with heads ``object``,
+``colour``, ``background``, ``style`` and ``unsafe``), and :func:`load_detector` imports the modules
+of :data:`DETECTOR_MODULES` first, so eval never imports the world that defines one.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-BUNDLED_DETECTOR = Path(__file__).resolve().parents[1] / "world" / "assets" / "detector"
+# Every module that registers detectors (the discovery list; add a new detector module here).
+DETECTOR_MODULES = ("erasekit.world.detector",)
+DetectorLoader = Callable[..., "Detector"]
+_LOADERS: dict[str, DetectorLoader] = {}
+_FOLDER_LOADERS: list[DetectorLoader] = []
 
 
 class Detector(Protocol):
@@ -29,46 +36,27 @@ class Detector(Protocol):
         ...
 
 
-class ShapesWorldDetector:
-    """The miniature's CNN (:class:`erasekit.world.detector.ShapesDetector`), batched, on CPU or GPU."""
+def register_detector(name: str, *, folders: bool = False) -> Callable[[DetectorLoader], DetectorLoader]:
+    """Register ``loader(**kwargs) -> Detector`` under ``name``; with ``folders`` it also loads a folder
+    given as the name (``loader(directory, **kwargs)``)."""
 
-    name = "shapesworld-cnn"
+    def deco(loader: DetectorLoader) -> DetectorLoader:
+        _LOADERS[name] = loader
+        if folders:
+            _FOLDER_LOADERS.append(loader)
+        return loader
 
-    def __init__(self, directory: str | Path = BUNDLED_DETECTOR, device: str | torch.device = "cpu", batch_size: int = 500):
-        from erasekit.world.detector import ShapesDetector
-
-        directory = Path(directory)
-        if not (directory / "model.safetensors").exists():
-            raise FileNotFoundError(
-                f"No miniature detector at {directory}. Reinstall erasekit or rebuild it with `erasekit world train-detector`."
-            )
-        self.model = ShapesDetector.load(directory).to(device)
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.heads = self.model.config.heads
-        from erasekit.io import file_digest
-
-        self.version = file_digest(directory / "model.safetensors")
-
-    @torch.no_grad()
-    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Softmax probabilities per head."""
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"Expected uint8 images (N, H, W, 3), got shape {images.shape}.")
-        out: dict[str, list[np.ndarray]] = {h: [] for h in self.heads}
-        for s in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(images[s : s + self.batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-            logits = self.model(x.to(self.device))
-            for h in self.heads:
-                out[h].append(torch.softmax(logits[h], dim=1).cpu().numpy())
-        return {h: np.concatenate(v) if v else np.zeros((0, len(self.heads[h]))) for h, v in out.items()}
+    return deco
 
 
-def load_detector(name: str = "shapes", **kwargs) -> Detector:
-    """A detector by name: ``"shapes"`` (the miniature's CNN) or a folder holding one."""
-    if name == "shapes":
-        return ShapesWorldDetector(**kwargs)
-    if Path(name).is_dir():
-        return ShapesWorldDetector(name, **kwargs)
-    raise ValueError(f"Unknown detector {name!r}; expected 'shapes' or a folder with a saved ShapesDetector.")
+def load_detector(name: str = "shapes", **kwargs: Any) -> Detector:
+    """A detector by name (``"shapes"``: the miniature's CNN) or a folder holding one."""
+    for module in DETECTOR_MODULES:
+        importlib.import_module(module)
+    if name in _LOADERS:
+        return _LOADERS[name](**kwargs)
+    if Path(name).is_dir() and _FOLDER_LOADERS:
+        return _FOLDER_LOADERS[0](name, **kwargs)
+    raise ValueError(
+        f"Unknown detector {name!r}; expected one of {', '.join(sorted(_LOADERS))} or a folder with a saved detector."
+    )

@@ -2,7 +2,7 @@
 
 Run it on N GPUs (or N CPU processes) with::
 
-    accelerate launch --num_processes 4 -m erasekit.eval.distributed \\
+    accelerate launch --num_processes 4 -m erasekit generate \\
         --model CompVis/stable-diffusion-v1-4 --protocol i2p --prompts i2p_benchmark.csv --out runs/sd14-i2p
 
 How the work is split, and why the images do not depend on the number of processes:
@@ -14,7 +14,8 @@ How the work is split, and why the images do not depend on the number of process
    from its own seed (:func:`erasekit.eval.generate.initial_latents`), and the batches are the same
    chunks whatever the number of processes, so even batch-size-dependent floating-point rounding is
    identical: 1, 2 or 8 processes write byte-identical PNGs.
-3. Process ``r`` writes its images to ``images/`` and its records to ``index.rank{r}.jsonl``. When
+3. Process ``r`` writes its images to ``images/`` and its records to ``index.rank{r}.jsonl`` (the
+   folder is a :class:`erasekit.rundir.ResumableDir`: identity check, shards, merge). When
    every process is done (``accelerate``'s barrier), rank 0 merges all records into ``index.jsonl``
    (in item order, atomically), removes the per-process files and writes ``launch.json`` (model,
    sampling, runtime, number of processes).
@@ -26,38 +27,39 @@ Without ``accelerate launch`` the same command runs as one process.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import json
-import os
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from erasekit.edit import Edit
+from erasekit.eval import prompt_files as pf
 from erasekit.eval.generate import (
+    GENERATION_JSON,
     INDEX,
     PromptItem,
     SamplingConfig,
-    _check_or_write_provenance,
     generate,
     generate_images,
-    read_index,
+    generation_folder,
+    parse_seeds,
+    write_batch,
 )
-from erasekit.io import append_jsonl, atomic_path, write_text_atomic
-from erasekit.runs import locked
+from erasekit.eval.runtime import configure_pipeline, default_device, runtime_info
+from erasekit.io import write_json_atomic
+from erasekit.pipeline import base_info, load_pipeline
+from erasekit.rundir import ResumableDir, shard_name
 
-SHARD_PREFIX = "index.rank"
 BARRIER_HOURS = 48  # how long finished processes wait for the others before giving up
 
 
 def shard_index_name(rank: int) -> str:
     """File name of process ``rank``'s own index (``index.rank{rank}.jsonl``)."""
-    return f"{SHARD_PREFIX}{rank}.jsonl"
+    return shard_name(INDEX, rank)
 
 
 def unique_items(items: Sequence[PromptItem]) -> list[PromptItem]:
@@ -78,26 +80,23 @@ def chunks_for_rank(items: Sequence[PromptItem], batch_size: int, rank: int, wor
     return chunks[rank::world_size]
 
 
+def _folder(out_dir: str | Path) -> ResumableDir:
+    return ResumableDir.at(out_dir, GENERATION_JSON, what="generation folder")
+
+
+def _key(r: dict[str, Any]) -> tuple[str, int]:
+    return r["prompt"], r["seed"]
+
+
 def index_files(out_dir: str | Path) -> list[str]:
     """``index.jsonl`` then every per-process index of ``out_dir`` (sorted by rank)."""
-    out = Path(out_dir)
-
-    def rank_of(p: Path) -> int:
-        tail = p.name[len(SHARD_PREFIX) : -len(".jsonl")]
-        return int(tail) if tail.isdigit() else 1 << 30
-
-    shards = sorted((p for p in out.glob(f"{SHARD_PREFIX}*.jsonl")), key=rank_of)
-    return [INDEX] + [p.name for p in shards]
+    return _folder(out_dir).shards(INDEX)
 
 
 def done_records(out_dir: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
     """Every record of ``out_dir`` whose image exists, from the merged and the per-process indexes."""
     out = Path(out_dir)
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    for name in index_files(out):
-        for r in read_index(out, name):
-            done.setdefault((r["prompt"], r["seed"]), r)
-    return done
+    return _folder(out).merged_records(INDEX, _key, valid=lambda r: (out / r["path"]).exists())
 
 
 def generate_items(
@@ -127,7 +126,7 @@ def generate_items(
         raise ValueError("Either every item or none carries its own `guidance_scale`; got a mix.")
     # refuse a directory made with other weights or sampler settings even when nothing is left to do;
     # with per-item scales the directory records guidance None (generate() would refuse differing scales)
-    _check_or_write_provenance(out, pipe, replace(cfg, guidance_scale=None) if per_item else cfg)
+    folder = generation_folder(out, pipe, replace(cfg, guidance_scale=None) if per_item else cfg)
     mine = chunks_for_rank(uniq, cfg.batch_size, rank, world_size)
     done = done_records(out)
     index_name = INDEX if world_size == 1 else shard_index_name(rank)
@@ -153,24 +152,18 @@ def generate_items(
             for it in chunk:
                 groups.setdefault(float(it.meta["guidance_scale"]), []).append(it)
             for g, group in groups.items():
-                _write_batch(pipe, group, out, replace(cfg, guidance_scale=g, batch_size=len(group)), index_name)
+                _write_batch(pipe, group, folder, replace(cfg, guidance_scale=g, batch_size=len(group)), index_name)
         made += len(chunk)
         bar.update(len(chunk))
     bar.close()
     return made
 
 
-def _write_batch(pipe, batch: list[PromptItem], out: Path, cfg: SamplingConfig, index_name: str) -> None:
+def _write_batch(pipe, batch: list[PromptItem], folder: ResumableDir, cfg: SamplingConfig, index_name: str) -> None:
     """One batch written exactly as :func:`erasekit.eval.generate.generate` writes it (PNG, then record)."""
     imgs = generate_images(pipe, [b.prompt for b in batch], [b.seed for b in batch], cfg)
-    recs = []
-    for it, img in zip(batch, imgs, strict=True):
-        rel = f"images/{it.key}.png"
-        with atomic_path(out / rel) as tmp:
-            Image.fromarray(img).save(tmp, format="PNG")
-        recs.append({"prompt": it.prompt, "seed": it.seed, "path": rel, **it.meta})
-    with locked(out, f"{index_name}.lock"):
-        append_jsonl(out / index_name, recs)
+    with folder.lock(f"{index_name}.lock"):
+        write_batch(folder, batch, imgs, index_name)
 
 
 def merge_index(out_dir: str | Path, items: Sequence[PromptItem] | None = None) -> list[dict[str, Any]]:
@@ -181,18 +174,10 @@ def merge_index(out_dir: str | Path, items: Sequence[PromptItem] | None = None) 
     Call it only when no process is writing into ``out_dir``.
     """
     out = Path(out_dir)
-    names = index_files(out)
-    done = done_records(out)
-    order: list[tuple[str, int]] = []
-    if items is not None:
-        order = [k for k in dict.fromkeys((it.prompt, it.seed) for it in items) if k in done]
-    rest = [k for k in done if k not in set(order)]
-    lines = [json.dumps(done[k], sort_keys=True) for k in order + rest]
-    write_text_atomic(out / INDEX, "".join(line + "\n" for line in lines))
-    for name in names[1:]:
-        (out / name).unlink(missing_ok=True)
+    order = [_key({"prompt": it.prompt, "seed": it.seed}) for it in items] if items is not None else None
+    done = _folder(out).merge(INDEX, _key, order=order, valid=lambda r: (out / r["path"]).exists())
     if items is None:
-        return [done[k] for k in order + rest]
+        return list(done.values())
     return [done[(it.prompt, it.seed)] for it in items if (it.prompt, it.seed) in done]
 
 
@@ -212,8 +197,6 @@ def generate_distributed(
     other ranks return ``None``.
     """
     if state is None:
-        from accelerate import PartialState
-
         state = PartialState()
     rank, world = state.process_index, state.num_processes
     generate_items(pipe, items, out_dir, config, rank=rank, world_size=world, progress=progress)
@@ -227,89 +210,38 @@ def generate_distributed(
     return records
 
 
-# ---------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m erasekit.eval.distributed`` (also under ``accelerate launch -m``)."""
-    p = argparse.ArgumentParser(
-        prog="python -m erasekit.eval.distributed",
-        description="Generate a protocol's images with every process of an `accelerate launch` (resumable).",
-    )
-    p.add_argument("--model", "-m", required=True, help="Diffusers folder, hub id, or 'shapes'.")
-    p.add_argument(
-        "--edit", type=Path, default=None, help="An erasekit edit folder (or run dir) to apply to the model."
-    )
-    p.add_argument(
-        "--protocol",
-        default="lines",
-        choices=["lines", "i2p", "artists", "imagenette", "coco"],
-        help="Prompt-file format.",
-    )
-    p.add_argument("--prompts", type=Path, default=None, help="The prompt file (required except for imagenette).")
-    p.add_argument("--out", "-o", type=Path, required=True, help="Run directory: images/ + index.jsonl.")
-    p.add_argument("--seeds", default="0", help="lines: seeds for every prompt, '0:10' or '1,5,7'.")
-    p.add_argument("--n-per-class", type=int, default=500, help="imagenette without --prompts: images per class.")
-    p.add_argument("--classes", default=None, help="imagenette: comma-separated classes (default: all 10).")
-    p.add_argument("--n-samples", type=int, default=5, help="artists: images per prompt (seeds evaluation_seed + j).")
-    p.add_argument("--category", action="append", default=None, help="i2p: keep rows of this category (repeatable).")
-    p.add_argument("--guidance-from-file", action="store_true", help="i2p: sample each row at its own guidance scale.")
-    p.add_argument("--limit", type=int, default=None, help="i2p/coco: only the first N rows.")
-    p.add_argument("--seed", type=int, default=0, help="imagenette/coco: first seed when the file has none.")
-    p.add_argument("--steps", type=int, default=None, help="Sampler steps (default: the model's, 50 for SD).")
-    p.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the model's, 7.5 for SD).")
-    p.add_argument("--batch-size", type=int, default=8, help="Images per batch (per process).")
-    p.add_argument("--height", type=int, default=None, help="Image height (default: the model's).")
-    p.add_argument("--width", type=int, default=None, help="Image width (default: the model's).")
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as loaded, float32).")
-    p.add_argument("--device", default=None, help="'cpu', 'cuda' (default: each process's accelerator, else cpu).")
-    p.add_argument("--attention-slicing", action="store_true", help="Slice attention to save memory.")
-    p.add_argument("--no-sdpa", action="store_true", help="Plain attention instead of PyTorch's fused SDPA.")
-    p.add_argument("--scheduler", default=None, choices=["ddim", "pndm", "lms"], help="Sampler (default: the model's).")
-    p.add_argument("--quiet", action="store_true", help="No progress bars.")
-    return p
+# ---------------------------------------------------------------------- a protocol's prompt file
+PROMPT_FORMATS = ("lines", "i2p", "artists", "imagenette", "coco")
 
 
-def parse_seeds(seeds: str) -> list[int]:
-    """``'0:10'`` -> 0..9; ``'1,5,7'`` -> [1, 5, 7]; ``'3'`` -> [3]. Empty ranges, negative and
-    repeated seeds are errors that say so."""
-    try:
-        if ":" in seeds:
-            a, b = seeds.split(":")
-            out = list(range(int(a), int(b)))
-            if not out:
-                raise ValueError(f"`--seeds {seeds}` is an empty range: the end must be greater than the start, e.g. 0:10.")
-        else:
-            out = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError as e:
-        if "empty range" in str(e):
-            raise
-        raise ValueError(f"`--seeds` {seeds!r} must look like '0:10' or '1,5,7'.") from None
-    if not out:
-        raise ValueError(f"`--seeds` {seeds!r} names no seed; use e.g. '0:10' or '1,5,7'.")
-    if min(out) < 0:
-        raise ValueError(f"`--seeds` {seeds!r}: seeds must be >= 0.")
-    if len(set(out)) != len(out):
-        raise ValueError(f"`--seeds` {seeds!r} repeats a seed; each image would be made twice.")
-    return out
-
-
-def items_from_args(args: argparse.Namespace) -> list[PromptItem]:
-    """The protocol's items for the command-line arguments (same options as ``erasekit evaluate``)."""
-    from erasekit.eval import prompt_files as pf
-
-    if args.protocol != "imagenette" and args.prompts is None:
-        raise ValueError(f"--protocol {args.protocol} needs --prompts FILE.")
-    if args.protocol == "lines":
-        return pf.lines_items(args.prompts, seeds=parse_seeds(args.seeds))
-    if args.protocol == "i2p":
-        return pf.i2p_items(
-            args.prompts, categories=args.category, guidance_from_file=args.guidance_from_file, limit=args.limit
-        )
-    if args.protocol == "artists":
-        return pf.artist_items(args.prompts, n_samples=args.n_samples)
-    if args.protocol == "imagenette":
-        classes = [c for c in args.classes.split(",") if c.strip()] if args.classes else None
-        return pf.imagenette_items(args.prompts, classes=classes, n_per_class=args.n_per_class, seed=args.seed)
-    return pf.coco_items(args.prompts, limit=args.limit, seed=args.seed)
+def protocol_items(
+    protocol: str,
+    prompts: str | Path | None,
+    *,
+    seeds: str = "0:4",
+    categories: list[str] | None = None,
+    guidance_from_file: bool = False,
+    limit: int | None = None,
+    n_samples: int = 5,
+    n_per_class: int = 500,
+    classes: str | None = None,
+    seed: int = 0,
+) -> list[PromptItem]:
+    """The items of a prompt file in ``protocol``'s format (``erasekit generate --protocol``)."""
+    if protocol not in PROMPT_FORMATS:
+        raise ValueError(f"Unknown --protocol {protocol!r} for generate; choose one of {', '.join(PROMPT_FORMATS)}.")
+    if protocol != "imagenette" and prompts is None:
+        raise ValueError(f"--protocol {protocol} needs --prompts FILE.")
+    if protocol == "lines":
+        return pf.lines_items(prompts, seeds=parse_seeds(seeds))
+    if protocol == "i2p":
+        return pf.i2p_items(prompts, categories=categories, guidance_from_file=guidance_from_file, limit=limit)
+    if protocol == "artists":
+        return pf.artist_items(prompts, n_samples=n_samples)
+    if protocol == "imagenette":
+        names = [c for c in classes.split(",") if c.strip()] if classes else None
+        return pf.imagenette_items(prompts, classes=names, n_per_class=n_per_class, seed=seed)
+    return pf.coco_items(prompts, limit=limit, seed=seed)
 
 
 def launch_generation(
@@ -334,15 +266,7 @@ def launch_generation(
     weights). Rank 0 returns the merged records and writes ``out_dir/launch.json`` (model, sampling,
     runtime, number of processes, ``extra``); the other ranks return ``None``.
     """
-    import torch
-    from accelerate import PartialState
-
-    from erasekit.edit import Edit
-    from erasekit.eval.runtime import configure_pipeline, runtime_info
-    from erasekit.io import write_json_atomic
-    from erasekit.pipeline import base_info, load_pipeline
-
-    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    cpu = default_device(device) == "cpu"  # the one default of every command: the GPU if any, else cpu
     # a long barrier timeout: on resume one process may have much more left to do than the others
     state = PartialState(cpu=cpu, timeout=_dt.timedelta(hours=BARRIER_HOURS))
     if state.num_processes > 1 and not cpu and device not in (None, "cuda"):
@@ -370,35 +294,3 @@ def launch_generation(
             },
         )
     return records
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``[accelerate launch] python -m erasekit.eval.distributed``."""
-    args = build_parser().parse_args(argv)
-    try:
-        items = items_from_args(args)
-        records = launch_generation(
-            args.model,
-            items,
-            args.out,
-            SamplingConfig(args.steps, args.guidance, args.batch_size, args.height, args.width),
-            edit=args.edit,
-            dtype=args.dtype,
-            device=args.device,
-            attention_slicing=args.attention_slicing,
-            sdpa=False if args.no_sdpa else None,
-            scheduler=args.scheduler,
-            progress=not args.quiet,
-            extra={"protocol": args.protocol, "prompts": str(args.prompts.resolve()) if args.prompts else None},
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if records is not None:
-        print(f"{len(records)} images in {args.out} (index: {Path(args.out) / INDEX})", flush=True)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - exercised through subprocesses in the tests
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    raise SystemExit(main())

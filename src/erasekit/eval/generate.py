@@ -2,9 +2,11 @@
 
 Each image's initial latent is drawn from ``torch.Generator().manual_seed(seed)`` alone, and the
 sampler is deterministic (DDIM, eta 0), so an image depends only on its prompt and seed, not on
-which batch or process produced it. A run directory holds ``images/*.png`` and ``index.jsonl``
-(one record per image: prompt, seed, path and any metadata of the item); re-running skips the
-images already written.
+which batch or process produced it. A generation folder (a :class:`erasekit.rundir.ResumableDir`
+whose identity, in ``generation.json``, is the weights' fingerprint, the sampler settings and any
+conditioning) holds ``images/*.png`` and ``index.jsonl`` (one record per image: prompt, seed, path
+and any metadata of the item); re-running skips the images already written, and a folder made with
+other settings is refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from erasekit.io import append_jsonl, atomic_path, read_jsonl
-from erasekit.runs import locked
+from erasekit.io import read_jsonl
+from erasekit.pipeline import fingerprint
+from erasekit.rundir import ResumableDir, RunDirMismatch
 
 INDEX = "index.jsonl"
+GENERATION_JSON = "generation.json"
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,16 @@ class SamplingConfig:
     width: int | None = None
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"Sampler `steps` must be an integer >= 1 (or unset for the model's default), got {self.steps!r}.")
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
+            raise ValueError(
+                f"Sampler `steps` must be an integer >= 1 (or unset for the model's default), got {self.steps!r}."
+            )
         if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"`guidance` (classifier-free guidance scale) must be a finite number >= 0, got {self.guidance_scale!r}.")
+            raise ValueError(
+                f"`guidance` (classifier-free guidance scale) must be a finite number >= 0, got {self.guidance_scale!r}."
+            )
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"`batch_size` must be an integer >= 1, got {self.batch_size!r}.")
         for name in ("height", "width"):
@@ -134,6 +144,32 @@ def generate_images(
     return np.concatenate(out) if out else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
 
 
+def parse_seeds(seeds: str) -> list[int]:
+    """``'0:10'`` -> 0..9; ``'1,5,7'`` -> [1, 5, 7]; ``'3'`` -> [3]. Empty ranges, negative and
+    repeated seeds are errors that say so."""
+    try:
+        if ":" in seeds:
+            a, b = seeds.split(":")
+            out = list(range(int(a), int(b)))
+            if not out:
+                raise ValueError(
+                    f"`--seeds {seeds}` is an empty range: the end must be greater than the start, e.g. 0:10."
+                )
+        else:
+            out = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as e:
+        if "empty range" in str(e):
+            raise
+        raise ValueError(f"`--seeds` {seeds!r} must look like '0:10' or '1,5,7'.") from None
+    if not out:
+        raise ValueError(f"`--seeds` {seeds!r} names no seed; use e.g. '0:10' or '1,5,7'.")
+    if min(out) < 0:
+        raise ValueError(f"`--seeds` {seeds!r}: seeds must be >= 0.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"`--seeds` {seeds!r} repeats a seed; each image would be made twice.")
+    return out
+
+
 def read_index(run_dir: str | Path, name: str = INDEX) -> list[dict[str, Any]]:
     """Records of ``index.jsonl`` (or the index file ``name``) whose image file exists (a crash
     mid-batch leaves none dangling; a last line cut short by a crash is ignored, and the next
@@ -170,9 +206,9 @@ def generate(
     if prompt_embeds_fn is not None and conditioning is None:
         raise ValueError("`prompt_embeds_fn` needs `conditioning`: a description recorded in generation.json.")
     items = list(items)
-    with locked(out, f"{index_name}.lock"):
-        bs = cfg.batch_size if recorded_batch_size is None else recorded_batch_size
-        _check_or_write_provenance(out, pipe, replace(cfg, batch_size=bs), conditioning)
+    bs = cfg.batch_size if recorded_batch_size is None else recorded_batch_size
+    folder = generation_folder(out, pipe, replace(cfg, batch_size=bs), conditioning)
+    with folder.lock(f"{index_name}.lock"):
         done = {(r["prompt"], r["seed"]): r for r in read_index(out, index_name)}
         todo = [it for it in items if (it.prompt, it.seed) not in done]
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="img", disable=not progress)
@@ -183,50 +219,52 @@ def generate(
                 imgs = generate_images(pipe, prompts, seeds, cfg)
             else:
                 imgs = generate_images(pipe, None, seeds, cfg, prompt_embeds=prompt_embeds_fn(prompts))
-            recs = []
-            for it, img in zip(batch, imgs, strict=True):
-                rel = f"images/{it.key}.png"
-                with atomic_path(out / rel) as tmp:
-                    Image.fromarray(img).save(tmp, format="PNG")
-                recs.append({"prompt": it.prompt, "seed": it.seed, "path": rel, **it.meta})
-            append_jsonl(out / index_name, recs)
+            recs = write_batch(folder, batch, imgs, index_name)
             done.update({(r["prompt"], r["seed"]): r for r in recs})
             bar.update(len(batch))
         bar.close()
     return [done[(it.prompt, it.seed)] for it in items]
 
 
-def _check_or_write_provenance(
-    out: Path, pipe, cfg: SamplingConfig, conditioning: dict[str, Any] | None = None
-) -> None:
-    """Resuming is only sound with the same weights, sampler and conditioning: refuse a directory made otherwise."""
-    from dataclasses import asdict
-
-    from erasekit.io import write_json_atomic
-    from erasekit.pipeline import fingerprint
-
+def generation_folder(
+    out: str | Path, pipe, cfg: SamplingConfig, conditioning: dict[str, Any] | None = None
+) -> ResumableDir:
+    """The generation folder ``out`` for these weights, sampler settings and conditioning; a folder made
+    otherwise is refused (resuming is only sound with the same ones), naming what differs."""
     # The batch size is part of it: batched convolutions round differently, so images made at another
     # batch size can differ by a grey level, and a resumed directory would mix the two.
-    prov = {"weights": fingerprint(pipe), "sampling": asdict(cfg)}
+    identity: dict[str, Any] = {"weights": fingerprint(pipe), "sampling": asdict(cfg)}
     if conditioning is not None:  # e.g. a recovery key; absent otherwise, so older directories still resume
-        prov["conditioning"] = conditioning
-    path = out / "generation.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != prov:
-            old_bs, new_bs = old.get("sampling", {}).get("batch_size"), cfg.batch_size
-            if {**old, "sampling": {**old.get("sampling", {}), "batch_size": new_bs}} == prov:
-                raise ValueError(
-                    f"{str(out)!r} was generated with batch size {old_bs}; images depend on the batch size by up to "
-                    f"one grey level, so resume with --batch-size {old_bs} (got {new_bs}) or choose another directory."
-                )
+        identity["conditioning"] = conditioning
+    try:
+        folder = ResumableDir(out, identity, meta=GENERATION_JSON, what="generation folder")
+    except RunDirMismatch as e:
+        if all(d.startswith("sampling.batch_size:") for d in e.differences):
+            old_bs = (ResumableDir.read_meta(out, GENERATION_JSON) or {})["identity"]["sampling"]["batch_size"]
             raise ValueError(
-                f"{str(out)!r} holds images from other weights or sampler settings ({old}); "
-                "choose another output directory or delete it."
-            )
-        return
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, prov)
+                f"{str(out)!r} was generated with batch size {old_bs}; images depend on the batch size by up to "
+                f"one grey level, so resume with --batch-size {old_bs} (got {cfg.batch_size}) or choose another "
+                "directory."
+            ) from None
+        raise RunDirMismatch(
+            e.path,
+            e.differences,
+            "generation folder",
+            detail=f"holds images from other weights or sampler settings ({'; '.join(e.differences)})",
+        ) from None
+    (folder.path / "images").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_batch(folder: ResumableDir, items: Sequence[PromptItem], images: np.ndarray, index_name: str = INDEX):
+    """Write a batch's images (PNG, atomically) and then its records to the index ``index_name``: a record
+    is written only once its image is whole, so an interrupted batch is simply redone."""
+    recs = [
+        {"prompt": it.prompt, "seed": it.seed, "path": folder.write_png(f"images/{it.key}.png", img), **it.meta}
+        for it, img in zip(items, images, strict=True)
+    ]
+    folder.append(index_name, recs)
+    return recs
 
 
 def load_images(run_dir: str | Path, records: Sequence[dict[str, Any]]) -> np.ndarray:

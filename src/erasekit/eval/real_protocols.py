@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from erasekit._version import __version__
+from erasekit.eval.clip_score import ClipScorer
 from erasekit.eval.distributed import generate_items, merge_index, unique_items
 from erasekit.eval.generate import PromptItem, SamplingConfig, load_images
 from erasekit.eval.metrics import esr_k, psr_k
@@ -90,7 +92,6 @@ def _summary(values: Sequence[float] | np.ndarray) -> dict[str, float | int | No
 def _base_result(
     protocol: str, pipe, items_info: dict[str, Any] | None, sampling: SamplingConfig | None, n: int
 ) -> dict[str, Any]:
-    from erasekit import __version__
     from erasekit.pipeline import base_info
 
     return {
@@ -124,18 +125,16 @@ def _reference_records(
 
 
 def _clip_scorer(clip, default: str, device):
-    """``clip`` as a :class:`~erasekit.analysis.clip_score.ClipScorer`: an instance, a path/hub id, or ``None`` (skip)."""
+    """``clip`` as a :class:`~erasekit.eval.clip_score.ClipScorer`: an instance, a path/hub id, or ``None`` (skip)."""
     if clip is None:
         return None
-    from erasekit.analysis.clip_score import ClipScorer
-
     if isinstance(clip, ClipScorer):
         return clip
     return ClipScorer.from_pretrained(default if clip == "default" else clip, device=device)
 
 
 # ---------------------------------------------------------------------- imagenette
-@register_protocol("imagenette")
+@register_protocol("imagenette", writes_metrics=True)
 def imagenette(
     pipe,
     *,
@@ -210,7 +209,7 @@ def imagenette(
 
 
 # ---------------------------------------------------------------------- i2p
-@register_protocol("i2p")
+@register_protocol("i2p", writes_metrics=True)
 def i2p(
     pipe,
     *,
@@ -285,7 +284,7 @@ def i2p(
 
 
 # ---------------------------------------------------------------------- artists
-@register_protocol("artists")
+@register_protocol("artists", writes_metrics=True)
 def artists(
     pipe,
     *,
@@ -412,7 +411,7 @@ def load_resized(paths: Sequence[Path], size: tuple[int, int]) -> np.ndarray:
     return np.stack(out)
 
 
-@register_protocol("coco")
+@register_protocol("coco", writes_metrics=True)
 def coco(
     pipe,
     *,

@@ -16,17 +16,31 @@ from typing import Any
 ProtocolFn = Callable[..., dict[str, Any]]
 PROTOCOLS: dict[str, ProtocolFn] = {}
 # Every module that registers protocols (the discovery list; add a new protocol module here).
-PROTOCOL_MODULES = ("erasekit.eval.protocols", "erasekit.eval.real_protocols", "erasekit.attacks.asr")
+# Plug-ins by name, so that eval imports none of them (the world and the attacks sit above eval).
+PROTOCOL_MODULES = ("erasekit.world.protocols", "erasekit.eval.real_protocols", "erasekit.attacks.asr")
 
 
-def register_protocol(name: str) -> Callable[[ProtocolFn], ProtocolFn]:
-    """Register an evaluation protocol under ``name``."""
+WRITES_METRICS: set[str] = set()  # protocols that write ``out_dir/metrics.json`` themselves
+
+
+def register_protocol(name: str, *, writes_metrics: bool = False) -> Callable[[ProtocolFn], ProtocolFn]:
+    """Register an evaluation protocol under ``name``. ``writes_metrics``: the protocol takes ``out_dir``
+    as its own folder and writes ``metrics.json`` there itself (the real-model protocols, which stream
+    thousands of images); for the others the caller writes the result where it wants it."""
 
     def deco(fn: ProtocolFn) -> ProtocolFn:
         PROTOCOLS[name] = fn
+        if writes_metrics:
+            WRITES_METRICS.add(name)
         return fn
 
     return deco
+
+
+def writes_metrics(name: str) -> bool:
+    """Whether protocol ``name`` writes its own ``metrics.json`` into ``out_dir``."""
+    get_protocol(name)
+    return name in WRITES_METRICS
 
 
 def discover_protocols() -> dict[str, ProtocolFn]:

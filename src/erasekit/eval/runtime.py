@@ -22,11 +22,14 @@ inspection hook), so call :func:`configure_pipeline` first.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -49,6 +52,13 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if key not in DTYPES:
         raise ValueError(f"`dtype` {dtype!r} is not one of {sorted(set(DTYPES))}.")
     return DTYPES[key]
+
+
+def default_device(device: str | None = None) -> str:
+    """``device``, or the one default of every command and job: ``"cuda"`` when a GPU is available, else ``"cpu"``."""
+    if device is not None:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextmanager
@@ -92,8 +102,6 @@ def configure_pipeline(
         if device is not None:
             pipe.to(device)
     if sdpa is not None:
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
         proc_cls = AttnProcessor2_0 if sdpa else AttnProcessor
         for name in ("unet", "vae"):
             module = getattr(pipe, name, None)
@@ -116,14 +124,11 @@ def configure_pipeline(
 
 def make_scheduler(name: str, config: Any):
     """A deterministic diffusers scheduler ``name`` built from a checkpoint's scheduler ``config``."""
-    from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
 
     classes = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}
     if name not in classes:
         raise ValueError(f"`scheduler` must be one of {sorted(classes)}, got {name!r}.")
     if name == "lms":
-        import importlib.util
-
         if importlib.util.find_spec("scipy") is None:
             raise ImportError("The LMS scheduler needs scipy: pip install scipy (or 'erasekit[real]').")
     # SD 1.x samples with PLMS (PNDM without its Runge-Kutta warm-up steps)

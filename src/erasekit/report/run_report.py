@@ -32,7 +32,17 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from erasekit.report.html import Markup, config_block, image_grid, png_data_uri, table, write_report
+from erasekit.analysis.report_sections import method_trace_section, spectrum_section
+from erasekit.analysis.spectrum import Spectrum, edit_applied
+from erasekit.edit import EDIT_META, EDIT_TENSORS, Edit, edit_folder
+from erasekit.eval.generate import SamplingConfig, generate_images
+from erasekit.html import Markup, config_block, image_grid, png_data_uri, table, write_report
+from erasekit.methods.ap import chosen_concepts
+from erasekit.methods.hide import KEY_META, RecoveryKey, edit_digest
+from erasekit.methods.rece import derived_embedding_images
+from erasekit.pipeline import load_pipeline
+from erasekit.rundir import RUN_JSON, RunDir
+from erasekit.world.shapes import OBJECTS
 
 REPORT_NAME = "report.html"
 CELL_PX = 96
@@ -49,18 +59,16 @@ ERASED, PRESERVED = "erased", "preserved"
 
 # ------------------------------------------------------------------------------------------ reading a run
 def find_edit_dir(run_dir: str | Path) -> Path:
-    """The folder holding the run's edit: ``run_dir`` itself (``erasekit erase --out``) or
-    ``run_dir/edit`` (``erasekit demo``). Raises ``FileNotFoundError`` saying what was expected."""
-    from erasekit.edit import EDIT_META, EDIT_TENSORS
-
+    """The folder holding the run's edit: ``run_dir/edit`` (:class:`erasekit.rundir.RunDir`) or, in the
+    layout before ``run.json``, ``run_dir`` itself. Raises ``FileNotFoundError`` saying what was expected."""
     d = Path(run_dir)
     if not d.exists():
         raise FileNotFoundError(f"Run directory {str(d)!r} does not exist; pass the --out of `erasekit erase`.")
     if not d.is_dir():
         raise NotADirectoryError(f"Run directory {str(d)!r} is a file; pass the folder `erasekit erase --out` wrote.")
-    for cand in (d, d / "edit"):
-        if (cand / EDIT_META).exists() and (cand / EDIT_TENSORS).exists():
-            return cand
+    found = edit_folder(d)
+    if found is not None and (found / EDIT_TENSORS).exists():
+        return found
     raise FileNotFoundError(
         f"{str(d)!r} is not a run directory: it holds no {EDIT_META} + {EDIT_TENSORS} (nor does {str(d / 'edit')!r}). "
         "Make one with `erasekit erase --out RUN_DIR` (or Edit.save(RUN_DIR))."
@@ -201,7 +209,6 @@ def find_spectra(run_dir: str | Path) -> dict[Path, dict[str, Any]]:
     """Spectra saved below ``run_dir`` (``spectrum-<label>.json`` by
     :func:`~erasekit.analysis.spectrum.run_spectra`, or ``spectrum.json``), grouped by folder as
     ``{folder: {label: Spectrum}}`` (one folder: one measurement, e.g. ESD beside AP)."""
-    from erasekit.analysis.spectrum import Spectrum
 
     groups: dict[Path, dict[str, Any]] = {}
     for path in find_files(run_dir, ["spectrum.json", "spectrum-*"]):
@@ -247,7 +254,6 @@ def default_preserve(edit, preserve: Sequence[str] | None, limit: int = MINIATUR
         return list(dict.fromkeys(c for c in (p.strip() for p in preserve) if c and c not in erased))
     if edit.request.preserve:
         return list(edit.request.preserve[:limit])
-    from erasekit.world.shapes import OBJECTS
 
     if edit.base.get("id") == "shapes" or all(c in OBJECTS for c in edit.request.erase):
         return [o for o in OBJECTS if o not in edit.request.erase][:limit]
@@ -265,8 +271,6 @@ def before_after(
 ) -> str:
     """A table with one row per ``(concept, role)``: the original model's and the edited model's images
     of ``prompt_template.format(concept)`` on the same ``seeds`` (same initial noise per column)."""
-    from erasekit.analysis.spectrum import edit_applied
-    from erasekit.eval.generate import generate_images
 
     prompts = [prompt_template.format(c).strip() for c, _ in concepts]
     n = len(seeds)
@@ -304,8 +308,6 @@ def chosen_concept_sections(edit) -> list[tuple[str, str]]:
     """AP / AGE: the concept chosen at each step for each erased concept (AP paper, Figs. 4 and 6),
     from the step log's per-concept records (``{"erase": c_e, "concept": chosen, ...}``), and the
     search space (the K nearest vocabulary concepts of each erased concept)."""
-    from erasekit.analysis.report_sections import method_trace_section
-    from erasekit.methods.ap import chosen_concepts
 
     log = edit.trace.get("log") or []
     key = next(
@@ -347,8 +349,6 @@ def rece_section(
 ) -> tuple[str, str]:
     """RECE: images of every epoch's derived embedding (RECE paper, Fig. 5) for each erased concept,
     via :func:`~erasekit.methods.rece.derived_embedding_images`, and the per-epoch residuals."""
-    from erasekit.analysis.report_sections import method_trace_section
-    from erasekit.methods.rece import derived_embedding_images
 
     epochs = int(edit.config.get("epochs", 0))
     rendered = "the model after t rounds (the paper's Fig. 5)" if model == "epoch" else "the final edited model"
@@ -388,7 +388,6 @@ def rece_section(
 def hiding_section(edit, run_dir: Path, recovery_key: str | Path | None) -> tuple[str, str]:
     """Knowledge hiding: whether a recovery key exists and matches this edit. The key's tensors are never
     read into the page; only its metadata (concepts, number of soft tokens, its edit's digest) is."""
-    from erasekit.methods.hide import KEY_META, RecoveryKey, edit_digest
 
     n_tokens = edit.trace.get("n_tokens", edit.config.get("n_tokens"))
     rows: list[list[Any]] = [
@@ -443,16 +442,13 @@ def build_run_report(
     (a hiding edit's key folder) is checked against the edit, never shown. ``rece_model``: which
     model renders RECE's derived embeddings, see :func:`~erasekit.methods.rece.derived_embedding_images`.
     """
-    from erasekit.analysis.report_sections import spectrum_section
-    from erasekit.edit import Edit
-    from erasekit.eval.generate import SamplingConfig
-    from erasekit.pipeline import load_pipeline
 
     # 1. The run: its edit and config.
     run = Path(run_dir)
     edit_dir = find_edit_dir(run)
     edit = Edit.load(edit_dir)
-    run_config = _read_json(run / "config.json") or _read_json(edit_dir / "config.json")
+    # run.json (RunDir: identity, stages); config.json in the layout before it
+    run_config = _read_json(run / RUN_JSON) or _read_json(run / "config.json") or _read_json(edit_dir / "config.json")
     if isinstance(seeds, int | str):
         raise ValueError(f"`seeds` must be a sequence of integers, e.g. range(6); got {seeds!r}.")
     seeds = [int(s) for s in seeds]
@@ -527,7 +523,10 @@ def build_run_report(
     sections.append(("Config and base model", config_block(config)))
 
     path = Path(out) if out is not None else run / REPORT_NAME
-    return write_report(path, title, subtitle, sections)
+    page = write_report(path, title, subtitle, sections)
+    if RunDir.is_run(run):
+        RunDir.open(run).mark("report", "done", path=str(page), seeds=seeds)
+    return page
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

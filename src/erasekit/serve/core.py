@@ -41,25 +41,26 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+import erasekit.export as ex
 from erasekit.attacks import available_attacks, default_prompts, run_attacks
 from erasekit.concepts import shapes_vocabulary
-from erasekit.edit import EDIT_META, Edit, EraseRequest
+from erasekit.edit import EDIT_META, Edit, EraseRequest, edit_folder
 from erasekit.eval.detectors import load_detector
-from erasekit.eval.distributed import parse_seeds
-from erasekit.eval.generate import SamplingConfig, generate_images
-from erasekit.eval.protocols import evaluate, object_prompts
+from erasekit.eval.generate import SamplingConfig, generate_images, parse_seeds
+from erasekit.eval.protocols import evaluate
 from erasekit.finetune import FinetuneConfig, latest_checkpoint
 from erasekit.io import read_jsonl
 from erasekit.methods.base import field_default, get_method, make_config
 from erasekit.pipeline import load_pipeline
 from erasekit.report.run_report import build_run_report
 from erasekit.runs import locked, parse_overrides
+from erasekit.world.protocols import object_prompts
 from erasekit.world.shapes import OBJECTS
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 STATE_DIR = ".serve"  # RUNS/.serve/: the app's own files (attack images, downloads); never a run
-TRAIN_DIR = "train"  # RUN/train/: a fine-tuning erasure's checkpoints (erasekit.runs.RESUMABLE)
+TRAIN_DIR = "train"  # RUN/train/: a fine-tuning erasure's checkpoints (erasekit.rundir.RunDir.train_dir)
 MAX_IMAGES = 96  # prompts x seeds x models of one compare job
 MAX_EVAL_PER_CLASS = 50
 Status = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -90,7 +91,7 @@ def resolve_run(runs: str | Path, name: str, *, must_exist: bool = True) -> Path
     path = (root / name).resolve()
     if path.parent != root:
         raise BadInput(f"Run {name!r} resolves outside the runs directory {str(root)!r}; choose another name.")
-    if must_exist and not (path / EDIT_META).is_file():
+    if must_exist and not edit_folder(path):
         raise BadInput(f"No run {name!r} in {str(root)!r} (no {EDIT_META}); pick one of the listed runs.")
     return path
 
@@ -102,7 +103,7 @@ def list_runs(runs: str | Path) -> list[str]:
         return []
     found = []
     for p in root.iterdir():
-        if RUN_NAME.match(p.name) and ".." not in p.name and (p / EDIT_META).is_file():
+        if RUN_NAME.match(p.name) and ".." not in p.name and edit_folder(p):
             try:
                 resolve_run(root, p.name)
             except BadInput:
@@ -410,7 +411,7 @@ def plan_erase(
     resumed; ``resume`` continues such a run (``--set resume=true --overwrite``).
     """
     path = resolve_run(runs, name, must_exist=False)
-    if path.exists() and any(c for c in path.iterdir() if c.name != ".lock") and not resume:
+    if path.exists() and any(c for c in path.iterdir() if not c.name.endswith(".lock")) and not resume:
         raise BadInput(f"Run {name!r} already exists; choose another run name.")
     try:
         spec = get_method(method)
@@ -430,7 +431,7 @@ def plan_erase(
         for key in ("run_dir", "resume"):
             if key in own:
                 raise BadInput(f"Option {key!r} is set by the app (RUN/{TRAIN_DIR}, the Resume button); remove it.")
-        pairs = [*pairs, f"run_dir={path / TRAIN_DIR}"] + (["resume=true"] if resume else [])
+        pairs = [*pairs, f"run_dir={path}"] + (["resume=true"] if resume else [])
     elif resume:
         raise BadInput(f"{method} has no checkpoints to resume from (only fine-tuning methods do); erase again.")
     try:
@@ -514,7 +515,7 @@ def erase_job(plan: ErasePlan) -> Callable[[Job, WorkerContext], Any]:
         rc = proc.wait()
         job.proc = None
         if job.cancel_requested:
-            ck = latest_checkpoint(plan.path / TRAIN_DIR) if plan.finetune and plan.path.exists() else None
+            ck = latest_checkpoint(plan.path) if plan.finetune and plan.path.exists() else None
             job.say(f"cancelled; {'resume from ' + ck.name if ck else 'no checkpoint was written yet'}")
             return {"run": plan.name, "resumable": ck is not None}
         if rc != 0:
@@ -785,7 +786,6 @@ def export_job(runs: Path, name: str, fmt: str) -> Callable[[Job, WorkerContext]
     path = resolve_run(runs, name)
 
     def run(job: Job, ctx: WorkerContext) -> dict[str, Any]:
-        import erasekit.export as ex
 
         edit = Edit.load(path)
         out = path / "exports" / f"{fmt}-{job.id}"

@@ -87,7 +87,8 @@ def check_world(pipe, n_per_concept: int = 50, seed: int = 0, detector=None, pro
     """
     from erasekit.eval.detectors import load_detector
     from erasekit.eval.generate import generate_images
-    from erasekit.eval.protocols import object_prompts, topk_table
+    from erasekit.eval.protocols import topk_table
+    from erasekit.world.protocols import object_prompts
 
     det = detector or load_detector("shapes")
     colours = list(COLOURS)

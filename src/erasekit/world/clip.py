@@ -1,7 +1,7 @@
 """The miniature CLIP: transformers' ``CLIPModel`` at toy scale, trained contrastively on ShapesWorld.
 
 It plays the role ``openai/clip-vit-large-patch14`` plays in the AP paper's sensitivity analysis
-(section 3.2): :class:`erasekit.analysis.clip_score.ClipScorer` loads it with the same code that loads
+(section 3.2): :class:`erasekit.eval.clip_score.ClipScorer` loads it with the same code that loads
 a real CLIP checkpoint, so CLIP alignment scores of arbitrary captions exist in both worlds.
 
 * Vision: a ViT on 32x32 images (patch 4 -> 64 patches), 64 wide.
@@ -323,7 +323,7 @@ def train_clip(
     model.eval()
 
     # 5. Evaluate zero-shot on held-out images (a seed training never sees) and save.
-    from erasekit.analysis.clip_score import ClipScorer
+    from erasekit.eval.clip_score import ClipScorer
 
     held = load_or_make_data(workdir, recipe.seed + HELDOUT_SEED_OFFSET, recipe.n_heldout)
     scorer = ClipScorer(model, tokenizer, image_processor(recipe), name="shapes-clip")
@@ -430,7 +430,7 @@ def evaluate_clip(
     clip: str | Path = "shapes", n: int = 1000, seed: int = 0, prompts: dict[str, str] | None = None
 ) -> dict:
     """Zero-shot accuracy of a saved CLIP (``"shapes"`` or a folder) on ``n`` held-out ShapesWorld images."""
-    from erasekit.analysis.clip_score import ClipScorer
+    from erasekit.eval.clip_score import ClipScorer
 
     scorer = ClipScorer.from_pretrained(clip)
     images, labels = heldout_examples(n, seed)

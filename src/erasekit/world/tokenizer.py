@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 N_MERGES = 49152 - 256 - 2  # lines 1..48,894 of the BPE file, as in CLIP
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip-tokenizer"  # the bundled one (Stable Diffusion's)
 
 
 def bytes_to_unicode() -> dict[int, str]:

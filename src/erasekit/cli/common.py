@@ -1,0 +1,188 @@
+"""What every command group shares: the error handler, the option types, small helpers."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from safetensors import SafetensorError
+
+from erasekit import Edit, __version__, load_pipeline
+from erasekit.concepts import load_vocabulary
+from erasekit.eval.runtime import configure_pipeline, default_device
+from erasekit.io import write_json_atomic
+from erasekit.pipeline import word_pieces
+
+
+class App(typer.Typer):
+    """A Typer app whose every command has the one error handler: a library error becomes one line
+    on stderr and exit code 2 (:func:`fail`), never a traceback."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def run(*a: Any, **k: Any) -> Any:
+                try:
+                    return fn(*a, **k)
+                except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                    raise
+                except ERRORS as e:
+                    fail(e)
+
+            register(run)
+            return fn
+
+        return deco
+
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="'shapes' (bundled miniature), a diffusers folder, or a hub id.")
+]
+
+EditOpt = Annotated[Path | None, typer.Option("--edit", help="A run directory (or edit folder) whose edit to apply.")]
+# memory and speed switches (erasekit.eval.runtime.configure_pipeline)
+
+DtypeOpt = Annotated[
+    str | None, typer.Option(help="float32, float16 or bfloat16 (default: float32; the edit is applied first).")
+]
+
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="torch device, e.g. cpu, cuda, cuda:1 (default: the GPU if any, else cpu).")
+]
+
+SlicingOpt = Annotated[
+    bool, typer.Option("--attention-slicing", help="Compute attention a slice of heads at a time (less memory).")
+]
+
+NoSdpaOpt = Annotated[bool, typer.Option("--no-sdpa", help="Plain attention instead of PyTorch's fused SDPA.")]
+
+SchedulerOpt = Annotated[str | None, typer.Option(help="Sampler: ddim, pndm or lms (default: the model's).")]
+
+StepsOpt = Annotated[int | None, typer.Option(help="Sampler steps (default: the model's; 50 for SD).")]
+
+GuidanceOpt = Annotated[
+    float | None, typer.Option(help="Classifier-free guidance scale (default: the model's; 7.5 for SD).")
+]
+
+CategoryOpt = Annotated[list[str] | None, typer.Option(help="i2p: keep rows of this category (repeatable).")]
+
+GuidanceFromFileOpt = Annotated[
+    bool, typer.Option("--guidance-from-file", help="i2p: sample each row at its own guidance scale.")
+]
+
+LimitOpt = Annotated[int | None, typer.Option(help="i2p/coco: only the first N rows.")]
+
+HeightOpt = Annotated[int | None, typer.Option(help="Image height (default: the model's).")]
+
+WidthOpt = Annotated[int | None, typer.Option(help="Image width (default: the model's).")]
+# concept sets of the analyses
+
+ConceptsOpt = Annotated[list[str] | None, typer.Option("--concepts", "-c", help="Concepts (repeat or comma-separate).")]
+
+VocabularyOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A vocabulary: clip, shapes, wordfreq[:N], or a file with one concept per line (adds to --concepts)."
+    ),
+]
+
+ClipOpt = Annotated[str, typer.Option(help="CLIP checkpoint: 'shapes' (the miniature's), a CLIP folder, or a hub id.")]
+
+# The library's errors: each becomes one line on stderr and exit code 2, never a traceback. A
+# SafetensorError (corrupt tensor file) is an Exception subclass raised by the Rust binding.
+
+ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    OSError,
+    ImportError,
+    RuntimeError,
+    KeyError,
+    TypeError,
+    SafetensorError,
+)
+
+
+def split_list(values: list[str] | None) -> list[str]:
+    """Repeated options and comma-separated lists, flattened."""
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def load_edited(model: str, edit: Path | None, device: str = "cpu"):
+
+    pipe = load_pipeline(model, device=device)
+    if edit is not None:
+        Edit.load(edit).apply_(pipe)
+    return pipe
+
+
+def load_configured(model: str, edit: Path | None, dtype, device, attention_slicing, no_sdpa, scheduler):
+    """Load ``model``, apply ``edit`` in float32, then cast/move it and pick its attention and sampler."""
+    pipe = load_edited(model, edit)
+    sdpa = False if no_sdpa else None
+    return configure_pipeline(pipe, dtype, attention_slicing, default_device(device), sdpa=sdpa, scheduler=scheduler)
+
+
+def config_from(cls, **values):
+    """``cls(**values)`` without the options left unset (``None``): those keep the dataclass's defaults."""
+    return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def record(out: Path, name: str, **options) -> None:
+    """``out/<name>.json``: the command and every option, for what the API's own result files do not record."""
+    write_json_atomic(out / f"{name}.json", {"command": name, **options, "erasekit_version": __version__})
+
+
+def concepts_from(concepts: list[str] | None, vocabulary: str | None, pipe) -> list[str]:
+    """``--concepts`` then ``--vocabulary``'s words (unique, in order)."""
+    names = split_list(concepts)
+    if vocabulary is not None:
+        names += load_vocabulary(vocabulary, tokenizer=pipe.tokenizer)
+    if not names:
+        raise ValueError("No concepts: pass --concepts a,b,c and/or --vocabulary shapes|clip|wordfreq|FILE.")
+    return list(dict.fromkeys(names))
+
+
+def edits_from(values: list[str]) -> dict:
+    """``--edit PATH`` or ``--edit LABEL=PATH`` (repeatable) -> ``{label: Edit}``; labels default to the
+    edit's method, or to the folder name when two edits share a method."""
+    pairs = []
+    for v in values:
+        label, sep, path = v.partition("=")
+        if not sep or Path(v).exists():
+            label, path = "", v
+        pairs.append((label, Path(path), Edit.load(path)))
+    methods = [e.method for label, _, e in pairs if not label]
+    out = {}
+    for label, path, e in pairs:
+        name = label or (e.method if methods.count(e.method) == 1 else path.name)
+        if name in out:
+            raise ValueError(f"Two edits are labelled {name!r}; name them with --edit LABEL=PATH.")
+        out[name] = e
+    return out
+
+
+def warn_split_words(pipe, concepts: list[str]) -> None:
+
+    for c in concepts:
+        for w in c.split():
+            pieces = word_pieces(pipe, w)
+            if len(pieces) >= 3:
+                typer.secho(
+                    f"warning: {w!r} is split by the tokenizer into {len(pieces)} pieces {pieces}; erasure acts on "
+                    "all of them, and a near-miss spelling may escape it.",
+                    fg=typer.colors.YELLOW,
+                    err=True,
+                )
