@@ -34,7 +34,9 @@ def test_uce_edit_equals_the_per_projection_float64_solve(tiny_pipe):
         torch.testing.assert_close(t.double(), ref, rtol=1e-5, atol=1e-6)
     # from identical embeddings, both the full and the low-rank form equal the float64 solve to one float32 ulp
     for rows in (c_in.shape[0], 5):
-        shared = cf.shared_closed_form_edit(tiny_pipe, c_in[:rows], c_t[:rows], c_p, make_config("uce", preserve_scale=0.5))
+        shared = cf.shared_closed_form_edit(
+            tiny_pipe, c_in[:rows], c_t[:rows], c_p, make_config("uce", preserve_scale=0.5)
+        )
         for name, t in shared.items():
             w = get_parameter(tiny_pipe, name).detach().double()
             ref = uce_closed_form(w, c_in[:rows].double(), c_t[:rows].double(), c_p.double(), preserve_scale=0.5)

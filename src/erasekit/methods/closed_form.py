@@ -396,7 +396,11 @@ def shared_derivation_matrix(
 
 
 def gram_residual(
-    g_orig: torch.Tensor, m_total: torch.Tensor, c_in: torch.Tensor, c_new: torch.Tensor, g_rest: torch.Tensor | None = None
+    g_orig: torch.Tensor,
+    m_total: torch.Tensor,
+    c_in: torch.Tensor,
+    c_new: torch.Tensor,
+    g_rest: torch.Tensor | None = None,
 ) -> float:
     """:func:`erasekit.methods.rece.kv_residual` for shared factors: ``sum_i ||W_new_i c_new - W_old_i c_in||^2 /
     sum_i ||W_old_i c_in||^2`` with ``W_new_i = W_old_i M`` on the projections of ``g_orig`` and

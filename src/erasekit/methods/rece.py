@@ -126,14 +126,16 @@ class RECEConfig:
     lamb_derive: float = field(
         default=0.1, metadata={"help": "lambda of eq. 7: pulls the derived embedding to 0 (0.1 unsafe, 1e-3 art)"}
     )
-    erase_scale: float = field(default=1.0, metadata={"help": "weight of the erase terms of eq. 3 (UCE step and epochs)"})
+    erase_scale: float = field(
+        default=1.0, metadata={"help": "weight of the erase terms of eq. 3 (UCE step and epochs)"}
+    )
     preserve_scale: float = field(
         default=0.1, metadata={"help": "lambda_1 of eq. 2/3 in the epochs: weight of the preserve terms"}
     )
-    lamb: float = field(default=0.1, metadata={"help": "lambda_2 of eq. 2/3 in the epochs: weight of ||W - W_old||_F^2"})
-    uce_lamb: float = field(
-        default=0.5, metadata={"help": "lambda_2 of the UCE step (authors: UCE's 0.5; paper: 0.1)"}
+    lamb: float = field(
+        default=0.1, metadata={"help": "lambda_2 of eq. 2/3 in the epochs: weight of ||W - W_old||_F^2"}
     )
+    uce_lamb: float = field(default=0.5, metadata={"help": "lambda_2 of the UCE step (authors: UCE's 0.5; paper: 0.1)"})
     uce_preserve_scale: float | None = field(
         default=None,
         metadata={"help": "lambda_1 of the UCE step; None: UCE's code's max(0.1, 1/#retained) (paper: 0.1)"},
@@ -167,7 +169,9 @@ class RECEConfig:
         if self.lamb_derive < 0:
             raise ValueError(f"RECE `lamb_derive` (lambda of eq. 7) must be >= 0, got {self.lamb_derive}.")
         if self.uce_lamb < 0 or (self.uce_preserve_scale is not None and self.uce_preserve_scale < 0):
-            raise ValueError("RECE `uce_lamb` and `uce_preserve_scale` must be >= 0 (`uce_preserve_scale` may be None).")
+            raise ValueError(
+                "RECE `uce_lamb` and `uce_preserve_scale` must be >= 0 (`uce_preserve_scale` may be None)."
+            )
         check_positions("derived_positions", self.derived_positions)
         self.projections = tuple(self.projections)
         self.uce_config()  # validates the eq. 3 settings with UCE's own checks

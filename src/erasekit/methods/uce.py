@@ -100,7 +100,9 @@ class UCEConfig:
 
     def __post_init__(self) -> None:
         if self.lamb < 0 or self.erase_scale < 0 or (self.preserve_scale is not None and self.preserve_scale < 0):
-            raise ValueError("UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0 (`preserve_scale` may be None).")
+            raise ValueError(
+                "UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0 (`preserve_scale` may be None)."
+            )
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError(f"UCE `templates` must be non-empty and each contain '{{}}', got {self.templates}.")
         bad = set(self.projections) - {"to_k", "to_v"}
