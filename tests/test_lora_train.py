@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import erasekit
 from erasekit.edit import Edit, EraseRequest, get_parameter
@@ -46,12 +45,17 @@ def test_lora_edit_is_rank_r_on_the_linear_targets_and_exports_without_truncatio
         w0 = get_parameter(tiny_pipe, name).detach()
         torch.testing.assert_close(w.double(), w0.double() + b.double() @ a.double(), rtol=0, atol=1e-6)
         assert not torch.equal(w, w0)
-    # export: every layer's delta has numerical rank 2; at rank 2 the SVD keeps it all (only the float32
-    # rounding of the merged weights is left), at rank 1 it does not
+    # export: at rank 2 (or full) the trained factors are written as they are; the SVD of the merged delta
+    # agrees that it has numerical rank 2 and only the float32 rounding of the merged weights is left; at
+    # rank 1 the export truncates the SVD
     at2 = plan_lora(edit, tiny_pipe, rank=2)
+    full_rank = plan_lora(edit, tiny_pipe)
     at1 = plan_lora(edit, tiny_pipe, rank=1)
     assert set(at2.layers) == {k.removesuffix(".weight") for k in edit.tensors} and not at2.biases
     for m, low in at2.layers.items():
+        assert low.source == "trained" and full_rank.layers[m].source == "trained" and at1.layers[m].source == "svd"
+        assert torch.equal(low.down, edit.aux[f"{AUX_PREFIX}{m}.lora_A"])
+        assert torch.equal(low.up, edit.aux[f"{AUX_PREFIX}{m}.lora_B"])
         assert low.numerical_rank == 2 and low.rank == 2
         assert low.error < 1e-4 and at1.layers[m].error > 10 * low.error, (m, low.error, at1.layers[m].error)
 
@@ -65,10 +69,13 @@ def test_lora_edit_applies_saves_loads_and_exports(tiny_pipe, tiny_pipe_dir, tmp
     loaded.apply_(pipe)
     for k, w in edit.tensors.items():
         assert torch.equal(get_parameter(pipe, k).detach(), w)
-    res = edit.export_lora(tiny_pipeline(0), tmp_path / "lora", rank=2)
-    record = json.loads((tmp_path / "lora" / "export.json").read_text())
-    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
-    assert res is not None and json.dumps(record).count('"rank": 2') >= len(edit.tensors)
+    edit.export_lora(tiny_pipeline(0), tmp_path / "lora")  # full rank: the trained factors, rank 2
+    lora = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    for name in edit.tensors:
+        module = name.removesuffix(".weight")
+        key = next(k for k in lora if k.endswith(module.removeprefix("unet.") + ".lora_A.weight"))
+        assert torch.equal(lora[key], edit.aux[f"{AUX_PREFIX}{module}.lora_A"])
+        assert torch.equal(lora[key.replace("lora_A", "lora_B")], edit.aux[f"{AUX_PREFIX}{module}.lora_B"])
 
 
 def test_the_callers_unet_is_not_wrapped_and_the_frozen_original_is_the_base(tiny_pipe):
