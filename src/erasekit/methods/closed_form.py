@@ -37,6 +37,7 @@ and MACE call it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -45,6 +46,20 @@ from erasekit.pipeline import cross_attention_modules, encode_prompts, last_toke
 
 
 # ------------------------------------------------------------------------------------- text side
+def check_retained_prompts(erase: Sequence[str], retained_prompts: Sequence[str], why: str) -> None:
+    """Refuse a retained (preserved) prompt that names an erased concept (whole word, any case): the
+    closed form would have to both move and keep its keys. ``why`` says what the method does with
+    retained keys; the error names the concept, the prompts and the fix."""
+    for c in erase:
+        pat = re.compile(r"\b" + re.escape(c.lower()) + r"\b")
+        hits = [p for p in retained_prompts if pat.search(p.lower())]
+        if hits:
+            raise ValueError(
+                f"The retained set contains the erased concept {c!r} (in {list(hits[:3])}); {why}. "
+                "Remove those prompts from `preserve`."
+            )
+
+
 @torch.no_grad()
 def encode_unique(pipe, prompts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
     """Text-encoder outputs (len(prompts), 77, D) for ``prompts``, each distinct prompt encoded once.
