@@ -263,6 +263,10 @@ def _solve_sym(a: torch.Tensor, b: torch.Tensor, lamb: float, what: str = "lamb"
     means ``a`` is (numerically) singular: lamb = 0 and too few vectors to span the embedding space,
     a ``ValueError`` naming the option ``what`` to raise."""
     chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0 and not bool(torch.isfinite(a).all()):
+        # a non-finite option (e.g. lamb=inf): the solve gives a non-finite edit, which erasekit.erase
+        # refuses with its own "NaN or infinite" error naming the method and config
+        return torch.linalg.solve(a, b)
     if int(info) != 0:
         raise ValueError(
             f"The closed form's system is singular (`{what}` = {lamb} and the vectors do not span the "
