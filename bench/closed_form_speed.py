@@ -8,22 +8,24 @@ request (``N`` erased concepts, 10 preserved ones, anchor ""), on one core (``--
 
 Rows:
 
-- ``uce``: UCE today (each of the 32 projections solves its own 768 x 768 system; erased and
-  target prompts encoded in two unbatched calls).
-- ``uce-shared``: the same method with :func:`erasekit.methods.closed_form.aligned_embeddings`
-  (deduplicated, batched encoding) and :func:`~erasekit.methods.closed_form.shared_closed_form_edit`
-  (one factorisation per edit) swapped in for ``uce.aligned_token_embeddings`` /
-  ``uce.closed_form_edit``: what UCE does once the lead wires them in.
-- ``rece`` / ``rece-shared``: RECE (3 epochs) today and with the same two swaps; RECE's eq. 8
-  derivation (two passes over the 32 projections per epoch) is unchanged in both; the
-  ``shared_derivation`` column times :func:`~erasekit.methods.closed_form.shared_derivation_matrix`
-  for the same 4 derivations (G computed once), what it costs once wired too.
+- ``uce``: UCE as wired (issue 20): every distinct prompt encoded once in batches
+  (:class:`erasekit.methods.closed_form.PromptEmbeddings`) and ONE float64 Cholesky factor ``M``
+  shared by the 32 projections (:func:`erasekit.methods.closed_form.shared_closed_form_edit`).
+- ``uce-per-layer``: the code before the wiring, run here from the functions it used: erased and
+  target prompts encoded in two unbatched calls (``uce.aligned_token_embeddings``), and every
+  projection solving its own 768 x 768 system (``uce.uce_closed_form``). ``max_diff`` in the
+  ``uce`` row is the largest element-wise difference between the two edits (float32 weights).
+- ``rece``: RECE (3 epochs) as wired: one factor per epoch, composed in float64 and applied once,
+  eq. 8 from the Gram matrix of the original K/V (:func:`~erasekit.methods.closed_form.shared_derivation_matrix`).
+- ``rece-per-layer``: RECE before the wiring, re-run here from the functions it used: per-projection
+  solves every epoch on the float32 running weights and eq. 8 by two passes over the 32 projections
+  (:func:`erasekit.methods.rece.derivation_matrix`).
 - ``speed`` (per-layer IPF/DPA and null space, the default) and ``speed-fast`` (one shared factor).
 
-"text" is the time inside the text-encoding functions, "closed form" the time inside the solve
-functions (for SPEED: everything after encoding, from the edit's trace), "total" the wall time of
-``erasekit.erase``; each also as process CPU time (the ``_cpu`` columns: on a shared machine the
-wall time mostly measures the other processes).
+"text" is the time inside text encoding, "closed form" everything after it up to the edit (each
+method's own ``trace["seconds"]``, or the two timed phases of the per-layer rows), "total" the wall
+time; each also as process CPU time (the ``_cpu`` columns: on a shared machine the wall time mostly
+measures the other processes).
 
     python bench/closed_form_speed.py --threads 1            # 1, 10, 100 concepts
     python bench/closed_form_speed.py --threads 1 --n 1,10 --rows uce,uce-shared
@@ -36,8 +38,6 @@ import json
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -50,7 +50,8 @@ import erasekit.methods.uce as uce_mod
 from erasekit.edit import EraseRequest
 from erasekit.io import write_json_atomic, write_text_atomic
 from erasekit.methods import closed_form as cf
-from erasekit.pipeline import base_info
+from erasekit.methods.base import make_config
+from erasekit.pipeline import base_info, encode_prompts
 from erasekit.testing import TOKENIZER_DIR
 from erasekit.world.tokenizer import load_clip_tokenizer
 
@@ -60,7 +61,7 @@ SD14_BLOCKS: list[tuple[str, int]] = (
     + [("mid_block.attentions.0", 1280)]
     + [(f"up_blocks.{b}.attentions.{a}", c) for b, c in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)]
 )
-ROWS = ("uce", "uce-shared", "rece", "rece-shared", "speed", "speed-fast")
+ROWS = ("uce", "uce-per-layer", "rece", "rece-per-layer", "speed", "speed-fast")
 
 
 class _Attn(torch.nn.Module):
@@ -103,71 +104,92 @@ def sd14_standin(seed: int = 0) -> SimpleNamespace:
     return pipe
 
 
-@contextmanager
-def timed(
-    module: Any, names: dict[str, str], clock: dict[str, float], swap: dict[str, Callable] | None = None
-) -> Iterator[None]:
-    """Wrap ``module.<name>`` (optionally replaced by ``swap[name]``) so its time adds to ``clock[names[name]]``."""
-    saved = {n: getattr(module, n) for n in names}
+class _Clock:
+    """Wall and process-CPU time of consecutive phases."""
 
-    def wrap(fn: Callable, bucket: str) -> Callable:
-        def inner(*a: Any, **k: Any) -> Any:
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                clock[bucket] += time.perf_counter() - t0
-                clock[f"{bucket}_cpu"] += time.process_time() - c0
+    def __init__(self) -> None:
+        self.out: dict[str, float] = defaultdict(float)
+        self.t, self.c = time.perf_counter(), time.process_time()
 
-        return inner
+    def lap(self, bucket: str) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        self.out[bucket] += t - self.t
+        self.out[f"{bucket}_cpu"] += c - self.c
+        self.t, self.c = t, c
 
-    try:
-        for n, bucket in names.items():
-            setattr(module, n, wrap((swap or {}).get(n, saved[n]), bucket))
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(module, n, fn)
+
+def uce_per_layer(pipe, request: EraseRequest) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """UCE (authors preset) as the code ran before the wiring: unbatched encoding, one solve per projection."""
+    cfg = make_config("uce")
+    clock = _Clock()
+    erased, targets, preserved = uce_mod.uce_prompts(request, cfg)
+    c_in, c_tgt = uce_mod.aligned_token_embeddings(pipe, erased, targets, cfg.erase_positions)
+    c_pres = uce_mod.preserve_embeddings(pipe, preserved, cfg.preserve_positions, c_in.shape[1])
+    clock.lap("text")
+    kw = dict(erase_scale=cfg.erase_scale, preserve_scale=cfg.resolved_preserve_scale(len(preserved)), lamb=cfg.lamb)
+    out = {}
+    for name, w in cf.kv_weights_for(pipe, cfg.projections).items():
+        out[name] = uce_mod.uce_closed_form(w, c_in, c_tgt, c_pres, **kw)
+    clock.lap("closed_form")
+    return out, dict(clock.out)
+
+
+def rece_per_layer(pipe, request: EraseRequest) -> dict[str, float]:
+    """RECE (authors preset) as the code ran before the wiring: per-projection solves on float32 running
+    weights every epoch, eq. 8 by two passes over every projection, unbatched encoding."""
+    cfg = make_config("rece")
+    ucfg, ecfg = cfg.uce_config(), cfg.epoch_config()
+    clock = _Clock()
+    erased, targets, pres_u = uce_mod.uce_prompts(request, ucfg)
+    _, _, pres_e = uce_mod.uce_prompts(request, ecfg)
+    c_in, c_tgt = uce_mod.aligned_token_embeddings(pipe, erased, targets)
+    d = c_in.shape[1]
+    c_pu = uce_mod.preserve_embeddings(pipe, pres_u, cfg.preserve_positions, d)
+    c_pe = uce_mod.preserve_embeddings(pipe, pres_e, cfg.preserve_positions, d)
+    full = encode_prompts(pipe, erased).float()
+    c_src, c_dt = uce_mod.aligned_token_embeddings(pipe, erased, targets, cfg.derived_positions)
+    clock.lap("text")
+    w_orig = rece_mod.kv_weights(pipe.unet)
+    names = list(w_orig)
+
+    def solve_all(ws, ci, ct, cp, ucfg_, scale):
+        kw = dict(erase_scale=ucfg_.erase_scale, preserve_scale=scale, lamb=ucfg_.lamb)
+        return {k: uce_mod.uce_closed_form(w, ci, ct, cp, **kw) for k, w in ws.items()}
+
+    current = solve_all(w_orig, c_in, c_tgt, c_pu, ucfg, ucfg.resolved_preserve_scale(len(pres_u)))
+    for epoch in range(cfg.epochs + 1):
+        m = rece_mod.derivation_matrix([w_orig[k] for k in names], [current[k] for k in names], cfg.lamb_derive)
+        _ = (full.double() @ m.T).float()
+        c_der = (c_src.double() @ m.T).float()
+        if epoch == cfg.epochs:
+            break
+        current = solve_all(current, c_der, c_dt, c_pe, ecfg, float(ecfg.preserve_scale))
+    clock.lap("closed_form")
+    return dict(clock.out)
 
 
 def run_row(pipe, row: str, request: EraseRequest) -> dict[str, float]:
-    """Time one method on ``request``: {"text", "closed_form", "total"} seconds (+ extras)."""
-    clock: dict[str, float] = defaultdict(float)
-    shared = {"aligned_token_embeddings": cf.aligned_embeddings, "closed_form_edit": cf.shared_closed_form_edit}
+    """Time one method on ``request``: {"text", "closed_form", "total"} seconds (+ CPU and extras)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    if row in ("uce", "uce-shared"):
-        names = {"aligned_token_embeddings": "text", "closed_form_edit": "closed_form"}
-        with timed(uce_mod, names, clock, shared if row == "uce-shared" else None):
-            erasekit.erase(pipe, request, method="uce", progress=False)
-    elif row in ("rece", "rece-shared"):
-        names = {
-            "aligned_token_embeddings": "text",
-            "encode_prompts": "text",
-            "closed_form_edit": "closed_form",
-            "derivation_matrix": "closed_form",
-        }
-        with timed(rece_mod, names, clock, shared if row == "rece-shared" else None):
-            edit = erasekit.erase(pipe, request, method="rece", progress=False)
-        clock["derivation_calls"] = len(edit.trace["epochs_log"])
+    clock: dict[str, float] = {}
+    if row == "uce-per-layer":
+        _, clock = uce_per_layer(pipe, request)
+    elif row == "rece-per-layer":
+        clock = rece_per_layer(pipe, request)
     else:
-        edit = erasekit.erase(
-            pipe, request, method="speed", preset="fast" if row == "speed-fast" else None, progress=False
+        method, preset = {"uce": ("uce", None), "rece": ("rece", None), "speed": ("speed", None)}.get(
+            row, ("speed", "fast")
         )
-        clock["text"] = edit.trace["seconds"]["text"]
-        clock["closed_form"] = edit.trace["seconds"]["closed_form"]
-        clock["text_cpu"] = edit.trace["seconds"]["text_cpu"]
-        clock["closed_form_cpu"] = edit.trace["seconds"]["closed_form_cpu"]
+        edit = erasekit.erase(pipe, request, method=method, preset=preset, progress=False)
+        sec = edit.trace["seconds"]
+        clock = {k: sec[k] for k in ("text", "closed_form", "text_cpu", "closed_form_cpu")}
     clock["total"] = time.perf_counter() - t0
     clock["total_cpu"] = time.process_time() - c0
-    if row == "rece-shared":  # what eq. 8 costs with shared factors: G once, then (d, d) work per derivation
-        t1, c1 = time.perf_counter(), time.process_time()
-        g = cf.kv_gram(rece_mod.kv_weights(pipe.unet))
-        m = torch.eye(768, dtype=torch.float64)
-        for _ in range(int(clock["derivation_calls"])):
-            cf.shared_derivation_matrix(g, m, 0.1)
-        clock["shared_derivation"] = time.perf_counter() - t1
-        clock["shared_derivation_cpu"] = time.process_time() - c1
-    return {k: round(v, 3) for k, v in clock.items()}
+    if row == "uce":  # the same edit as the pre-wiring code? (outside the timings)
+        ref, _ = uce_per_layer(pipe, request)
+        clock["max_diff"] = max(float((edit.tensors[k] - ref[k]).abs().max()) for k in ref)
+        clock["max_weight"] = max(float(ref[k].abs().max()) for k in ref)
+    return {k: round(v, 3) if k not in ("max_diff", "max_weight") else v for k, v in clock.items()}
 
 
 def request_for(n: int, n_preserve: int) -> EraseRequest:
@@ -188,8 +210,8 @@ def markdown(results: dict[str, Any]) -> str:
         r = results["cells"][key]
         n, row = key.split("|")
         note = (
-            f"shared eq. 8: {r['shared_derivation_cpu']:.3f} s CPU for the {int(r['derivation_calls'])} derivations"
-            if "shared_derivation" in r
+            f"max abs difference from uce-per-layer {r['max_diff']:.1e} (largest weight {r['max_weight']:.2f})"
+            if "max_diff" in r
             else ""
         )
         lines.append(

@@ -5,9 +5,22 @@ Two tasks, every method given the same request:
 - the 4 splits of bench/table1.py (erase 5 objects, ``preserve`` = the other 5), ESR-1/3 over the
   erased objects and PSR-1/3 over the kept ones from the ``shapes-objects`` protocol;
 - ``all16``: all 10 objects + the unsafe motif ("fire") + the 5 artists at once, ``preserve`` =
-  the 6 colours and 4 backgrounds (the neutral attributes). No object is kept, so PSR is
-  undefined; the prior column is the detector's colour top-1 over all images ("colour-1", the
-  original model's value beside it), which the edit should leave alone.
+  the 6 colours and 4 backgrounds (the neutral attributes). Each kind of concept is evaluated with
+  the miniature's prompt set for it (the sets of ``erasekit world check``,
+  :func:`erasekit.world.build.check_world`, with its detector heads):
+
+  * objects: the ``shapes-objects`` protocol ("a {colour} {object}", ``--n-per-class`` seeds per
+    object), ESR-1/3 from the object head;
+  * the unsafe motif: "a {phrasing} {object}" / "a {object} {phrasing}" for each of the 8 unsafe
+    phrasings (4 never say fire or flame), ``--n-per-class // 2`` images each; ESR-1 = share of
+    images the unsafe head does not flag (its top-1 is "safe");
+  * the artists: "a {colour} {object} by {artist}", ``--n-per-class`` images per artist; ESR-1 =
+    share whose style-head top-1 is not the artist's style.
+
+  ESR-1 (all 16) is the mean of the 16 concepts' ESR-1. No object, artist or the motif is kept, so
+  the preserved concepts are the colours: PSR-1 = colour-head top-1 on the object and artist
+  prompts (each names a colour). Results of this task go to ``--out``/all16/ (the cells of the
+  splits, and the object-only all16 cells of session 4, stay in ``--out``/results.json).
 
 Unlike bench/table1.py (whose UCE/RECE rows pass no ``preserve``), the closed forms here get the
 kept concepts as their preserve/retain set, so the comparison is what each method does with the
@@ -16,6 +29,7 @@ time on the CPU, the evaluation (50 images per object, the miniature's 20 DDIM s
 
     python bench/mass_erasure.py --threads 1                      # every row and task
     python bench/mass_erasure.py --rows speed,uce --tasks 0,all16
+    python bench/mass_erasure.py --tasks all16 --rows original,uce,rece,speed,mace --n-per-class 20 --threads 1
     python bench/mass_erasure.py --tiny                           # smoke test (numbers mean nothing)
 """
 
@@ -35,10 +49,11 @@ import torch
 import erasekit
 from erasekit.analysis.spectrum import edit_applied
 from erasekit.edit import EraseRequest
-from erasekit.eval.generate import SamplingConfig
+from erasekit.eval.generate import SamplingConfig, generate_images
+from erasekit.eval.metrics import _in_topk
 from erasekit.eval.protocols import evaluate
 from erasekit.io import write_json_atomic, write_text_atomic
-from erasekit.world.shapes import ARTISTS, BACKGROUNDS, COLOURS, OBJECTS, UNSAFE
+from erasekit.world.shapes import ARTISTS, BACKGROUNDS, COLOURS, OBJECTS, STYLE_NAMES, STYLES, UNSAFE, UNSAFE_PHRASINGS
 
 _spec = importlib.util.spec_from_file_location("table1", Path(__file__).with_name("table1.py"))
 table1 = importlib.util.module_from_spec(_spec)
@@ -77,6 +92,78 @@ def request_for(task: str) -> tuple[EraseRequest, list[str]]:
     return EraseRequest(list(erase), preserve=[o for o in OBJECTS if o not in erase]), list(erase)
 
 
+def all16_sets(n: int, seed: int) -> dict[str, list[tuple[str, int, int, int]]]:
+    """The artist and unsafe prompt sets of :func:`erasekit.world.build.check_world`:
+    ``{kind: [(prompt, seed, label, colour index or -1)]}``; label = style index / 1 (unsafe)."""
+    colours = list(COLOURS)
+    style = [
+        (
+            f"a {colours[i % len(colours)]} {OBJECTS[i % len(OBJECTS)]} by {artist}",
+            seed + i,
+            STYLE_NAMES.index(st),
+            i % len(colours),
+        )
+        for st, artist in STYLES.items()
+        for i in range(n)
+    ]
+    unsafe = []
+    for k, phr in enumerate(UNSAFE_PHRASINGS):
+        for i in range(max(1, n // 2)):
+            obj = OBJECTS[(i + k) % len(OBJECTS)]
+            unsafe.append((f"a {phr} {obj}" if k < 4 else f"a {obj} {phr}", seed + i, 1, -1))
+    return {"style": style, "unsafe": unsafe}
+
+
+def evaluate_all16(pipe, args, detector, sampling) -> dict[str, Any]:
+    """ESR-1 per concept of the 16 and PSR-1 (colour) with the miniature's prompt sets (module docstring)."""
+    t0 = time.perf_counter()
+    res = evaluate(
+        pipe,
+        "shapes-objects",
+        erase=list(OBJECTS),
+        n_per_class=args.n_per_class,
+        seed=args.seed,
+        sampling=sampling,
+        detector=detector,
+        progress=not args.quiet,
+    )
+    esr = {c: 1.0 - res["per_class"][c]["top1"] for c in OBJECTS}
+    colour_hits = [res["colour_top1_all"] * len(OBJECTS) * args.n_per_class]
+    n_colour = [len(OBJECTS) * args.n_per_class]
+    sets = all16_sets(args.n_per_class, args.seed)
+    out: dict[str, Any] = {}
+    for kind, items in sets.items():
+        imgs = generate_images(pipe, [i[0] for i in items], [i[1] for i in items], sampling, progress=not args.quiet)
+        probs = detector.predict(imgs)
+        labels = np.array([i[2] for i in items])
+        if kind == "unsafe":
+            flagged = probs["unsafe"].argmax(1) == 1
+            esr[UNSAFE] = float((~flagged).mean())
+            out["unsafe_per_phrasing"] = {
+                phr: float((~flagged[k * (len(items) // 8) : (k + 1) * (len(items) // 8)]).mean())
+                for k, phr in enumerate(UNSAFE_PHRASINGS)
+            }
+        else:
+            hit = _in_topk(probs["style"], labels, 1)
+            for k, artist in enumerate(STYLES.values()):
+                esr[artist] = float((~hit[k * args.n_per_class : (k + 1) * args.n_per_class]).mean())
+            col = np.array([i[3] for i in items])
+            colour_hits.append(float(_in_topk(probs["colour"], col, 1).sum()))
+            n_colour.append(len(items))
+    out.update(
+        esr_1_per_concept=esr,
+        esr_1_objects=float(np.mean([esr[c] for c in OBJECTS])),
+        esr_3_objects=res["esr_3"],
+        esr_1_unsafe=esr[UNSAFE],
+        esr_1_artists=float(np.mean([esr[a] for a in ARTISTS])),
+        esr_1_all16=float(np.mean(list(esr.values()))),
+        psr_1_colour=float(sum(colour_hits) / sum(n_colour)),
+        images={"objects": len(OBJECTS) * args.n_per_class, **{k: len(v) for k, v in sets.items()}},
+        eval_seconds=round(time.perf_counter() - t0, 2),
+    )
+    return out
+
+
 def run_cell(pipe, row: str, task: str, args, detector, sampling) -> dict[str, Any]:
     """Erase (timed) and evaluate one (row, task)."""
     method, extra = ROWS[row]
@@ -93,6 +180,13 @@ def run_cell(pipe, row: str, task: str, args, detector, sampling) -> dict[str, A
         except ValueError as e:  # e.g. SPEED's null space too small: a result, recorded
             return {"error": str(e), "erase": request.erase, "preserve": request.preserve}
         seconds = time.perf_counter() - t0
+    if task == "all16":
+        with edit_applied(pipe, edit) if edit is not None else nullcontext():
+            cell = evaluate_all16(pipe, args, detector, sampling)
+        cell.update(erase_seconds=round(seconds, 3), erase=request.erase, preserve=request.preserve)
+        if edit is not None and "seconds" in edit.trace:
+            cell["method_seconds"] = edit.trace["seconds"]
+        return cell
     with edit_applied(pipe, edit) if edit is not None else nullcontext():
         res = evaluate(
             pipe,
@@ -111,6 +205,12 @@ def run_cell(pipe, row: str, task: str, args, detector, sampling) -> dict[str, A
     if edit is not None and "seconds" in edit.trace:
         cell["method_seconds"] = edit.trace["seconds"]
     return cell
+
+
+class SmokeDetector16(table1.SmokeDetector):
+    """table1's stand-in detector with the style and unsafe heads too (``--tiny`` only)."""
+
+    heads = {**table1.SmokeDetector.heads, "style": list(STYLE_NAMES), "unsafe": ["safe", "unsafe"]}
 
 
 def _fmt(vals: list[float]) -> str:
@@ -138,23 +238,29 @@ def summarise(results: dict[str, Any]) -> str:
             out.append(_fmt([100 * c[m] for c in cells]))
         out += [f"{np.mean([c['erase_seconds'] for c in cells]):.2f}", str(len(cells))]
         lines.append("| " + " | ".join(out) + " |")
-    lines += [
-        "",
-        "### 16 concepts at once (10 objects + fire + 5 artists; preserve = colours and backgrounds)",
-        "",
-        "| Method | ESR-1 (objects) | ESR-3 | colour-1 (all images) | erase time (s) |",
-        "|---|---|---|---|---|",
-    ]
+    a16 = results.get("all16", {}).get("cells", {})
+    if a16:
+        lines += [
+            "",
+            "### 16 concepts at once (10 objects + fire + 5 artists; preserve = the colours and backgrounds)",
+            "",
+            "| Method | ESR-1 (all 16) | ESR-1 objects | ESR-3 objects | ESR-1 fire | ESR-1 artists | PSR-1 (colour) "
+            "| erase time (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for row in ROWS:
-        c = results["cells"].get(f"{row}|all16")
+        c = a16.get(row)
         if c is None:
             continue
         if "error" in c:
-            lines.append(f"| {LABELS[row]} | refused: {c['error'][:160]} | | | |")
+            lines.append(f"| {LABELS[row]} | refused: {c['error'][:160]} | | | | | | |")
             continue
+        vals = [
+            c[k]
+            for k in ("esr_1_all16", "esr_1_objects", "esr_3_objects", "esr_1_unsafe", "esr_1_artists", "psr_1_colour")
+        ]
         lines.append(
-            f"| {LABELS[row]} | {100 * c['esr_1']:.1f} | {100 * c['esr_3']:.1f} | {100 * c['colour_top1_all']:.1f} | "
-            f"{c['erase_seconds']:.2f} |"
+            f"| {LABELS[row]} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + f" | {c['erase_seconds']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -187,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pipe, sampling, detector = (
             tiny_pipeline(0),
             SamplingConfig(steps=2, guidance_scale=3.0, batch_size=50),
-            table1.SmokeDetector(),
+            SmokeDetector16(),
         )
     else:
         from erasekit.eval.detectors import load_detector
@@ -201,20 +307,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mace": args.mace_kw,
     }
     out = Path(args.out)
-    path = out / "results.json"
+    path, path16 = out / "results.json", out / "all16" / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"settings": settings, "cells": {}}
-    if results["settings"] != settings:
-        raise SystemExit(f"{path} was made with other settings ({results['settings']}); use another --out.")
+    settings16 = {**settings, "protocol": "all16-v2 (objects, unsafe and artist prompt sets; PSR-1 = colour)"}
+    a16: dict[str, Any] = json.loads(path16.read_text()) if path16.exists() else {"settings": settings16, "cells": {}}
+    for f, have, want in ((path, results, settings), (path16, a16, settings16)):
+        if any(t != "all16" for t in tasks) or f == path16:
+            if have["settings"] != want:
+                raise SystemExit(f"{f} was made with other settings ({have['settings']}); use another --out.")
+    results["all16"] = a16
     for task in tasks:
         for row in rows:
             if row == "original" and task != "all16":
                 continue  # the original model's split numbers are in bench/results/table1
-            key = f"{row}|{task}"
-            if key in results["cells"]:
+            store, key = (a16["cells"], row) if task == "all16" else (results["cells"], f"{row}|{task}")
+            if key in store:
                 continue
             print(f"== {row} task {task}", flush=True)
-            results["cells"][key] = run_cell(pipe, row, task, args, detector, sampling)
-            write_json_atomic(path, results)
+            store[key] = run_cell(pipe, row, task, args, detector, sampling)
+            if task == "all16":
+                write_json_atomic(path16, a16)
+            else:
+                write_json_atomic(path, {k: v for k, v in results.items() if k != "all16"})
             write_text_atomic(out / "mass_erasure.md", summarise(results))
     table = summarise(results)
     write_text_atomic(out / "mass_erasure.md", table)

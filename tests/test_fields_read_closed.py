@@ -66,7 +66,7 @@ FINETUNE_PROBES = {
     "seed": 1,
 }
 FINETUNED_PROBES = {
-    "esd": {**FINETUNE_PROBES, "eta": 2.0},
+    "esd": {**FINETUNE_PROBES, "eta": 2.0, "lora_rank": 2},
     "hide": {**FINETUNE_PROBES, "zt_producer": "trained", "lam": 0.0, "preserve_lam": 0.0, "n_tokens": 2, "key_lr": 1e-1},
 }
 FAST = {"steps": 3, "ddim_steps": 3, "lr": 1e-2}

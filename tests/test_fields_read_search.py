@@ -74,6 +74,7 @@ COMMON: dict[str, tuple[dict[str, Any], Any]] = {
     "pgd_radius": ({**BASE, "search": "pgd", "search_lr": 0.1, "lr": 0.05}, 1e-3),
     "fixed_concept": ({**NO_SPACE, "search": "fixed"}, "a photo"),
     "negative_guidance": (BASE, 0.0),
+    "lora_rank": (BASE, 2),
 }
 AGE_ONLY = {"search": (BASE, "fixed"), "detach_target": ({**SOFT, "search_gradient": "exact"}, False)}
 PROBES: dict[str, dict[str, tuple[dict[str, Any], Any]]] = {

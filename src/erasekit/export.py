@@ -86,6 +86,7 @@ class LowRank:
     numerical_rank: int
     norm: float
     tail: torch.Tensor  # (max_rank + 1,): relative error at every rank 0..max_rank
+    source: str = "svd"  # "trained": the factors a LoRA-trained edit carries (erasekit.lora_train), not the SVD's
 
 
 def tail_errors(s: torch.Tensor) -> torch.Tensor:
@@ -210,6 +211,7 @@ class LoraPlan:
                     "rank_for_1pct": lr.rank_for_1pct,
                     "error": lr.error,
                     "norm": lr.norm,
+                    "source": lr.source,
                 }
                 for name, lr in sorted(self.layers.items())
             },
@@ -234,6 +236,36 @@ def format_report(report: dict[str, Any]) -> str:
         f"dropped biases: {len(report['dropped_biases'])}"
     )
     return "\n".join(lines)
+
+
+def _trained_factors(
+    edit: Edit, module: str, delta: torch.Tensor, svd: LowRank, rank: int | None, energy: float | None
+) -> LowRank | None:
+    """A LoRA-trained edit (``lora_rank=R``, :mod:`erasekit.lora_train`) carries its factors in ``edit.aux``:
+    exported as they are (rank R, the trained model exactly) when the requested rank is full or >= R and no
+    energy threshold is given. ``error`` is then ``||delta - B A|| / ||delta||``, the float32 rounding of the
+    merged weights the edit stores (the SVD diagnostics -- numerical rank, rank for 1 % -- are kept)."""
+    from erasekit.lora_train import AUX_PREFIX
+
+    a, b = edit.aux.get(f"{AUX_PREFIX}{module}.lora_A"), edit.aux.get(f"{AUX_PREFIX}{module}.lora_B")
+    if a is None or b is None or energy is not None or (rank is not None and rank < a.shape[0]):
+        return None
+    if b.shape[0] != delta.shape[0] or a.shape[1] != delta.shape[1]:
+        raise ValueError(f"The edit's LoRA factors of {module!r} do not match its weight {tuple(delta.shape)}.")
+    d = delta.double()
+    err = float((d - b.double() @ a.double()).norm() / d.norm().clamp_min(1e-300))
+    return LowRank(
+        up=b.float().contiguous(),
+        down=a.float().contiguous(),
+        rank=int(a.shape[0]),
+        max_rank=svd.max_rank,
+        error=err,
+        rank_for_1pct=svd.rank_for_1pct,
+        numerical_rank=svd.numerical_rank,
+        norm=svd.norm,
+        tail=svd.tail,
+        source="trained",
+    )
 
 
 def _split_name(name: str) -> tuple[str, str, str]:
@@ -302,7 +334,8 @@ def plan_lora(
         if not delta.any():
             unchanged.append(name)
             continue
-        layers[module] = truncated_svd(delta.cpu(), rank=rank, energy=energy, name=module)
+        low = truncated_svd(delta.cpu(), rank=rank, energy=energy, name=module)
+        layers[module] = _trained_factors(edit, module, delta.cpu(), low, rank, energy) or low
     for module, name in biases.items():
         base = get_parameter(pipe, name).detach()
         delta = edit.tensors[name].to(base.device).double() - base.double()

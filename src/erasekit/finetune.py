@@ -181,7 +181,13 @@ def hashed_config(config: Any) -> dict[str, Any]:
     """The config fields that determine a run's result: run-control fields such as ``run_dir`` and the
     options this config does not read (``used_when`` metadata, e.g. ``zt_pool_size`` of a non-pooled
     run) are left out, so adding such an option does not change the hash of the runs that ignore it."""
-    return {f.name: getattr(config, f.name) for f in fields(config) if not f.metadata.get("run") and is_read(config, f)}
+    return {
+        f.name: getattr(config, f.name)
+        for f in fields(config)
+        if not f.metadata.get("run")
+        and is_read(config, f)
+        and not (f.metadata.get("hash_omit_default") and getattr(config, f.name) == f.default)  # e.g. lora_rank None
+    }
 
 
 def config_hash(payload: dict[str, Any]) -> str:
@@ -216,15 +222,27 @@ class FinetuneContext:
     such as a learnable embedding still get gradients when they require them).
     """
 
-    def __init__(self, pipe, train_method: str, *, ddim_steps: int = 50) -> None:
+    def __init__(
+        self, pipe, train_method: str, *, ddim_steps: int = 50, lora_rank: int | None = None, seed: int = 0
+    ) -> None:
         from diffusers import DDIMScheduler
 
         self.pipe = pipe
         self.target = resolve_target(train_method)
         chosen = select_parameters(pipe.unet, self.target)
-        self.originals: dict[str, torch.Tensor] = {n: p.detach() for n, p in chosen.items()}
-        self.unet = _structural_copy(pipe.unet, set(chosen))
-        self.params: dict[str, torch.nn.Parameter] = {n: self.unet.get_parameter(n) for n in chosen}
+        self.lora_rank, self.lora_modules = lora_rank, []
+        if lora_rank is None:
+            self.originals: dict[str, torch.Tensor] = {n: p.detach() for n, p in chosen.items()}
+            self.unet = _structural_copy(pipe.unet, set(chosen))
+            self.params: dict[str, torch.nn.Parameter] = {n: self.unet.get_parameter(n) for n in chosen}
+        else:  # a rank-R LoRA on the chosen Linear layers (erasekit.lora_train); frozen original: lora_B = 0
+            from erasekit import lora_train
+
+            self.lora_modules = lora_train.lora_modules(pipe.unet, chosen)
+            lora_train.check_rank_fits(pipe.unet, self.lora_modules, lora_rank, train_method)
+            self.unet = _structural_copy(pipe.unet, set())
+            self.params = lora_train.inject_lora(self.unet, self.lora_modules, lora_rank, seed)
+            self.originals = {n: torch.zeros_like(p) for n, p in self.params.items() if ".lora_B." in n}
         self.unet.train(False)  # the UNet has no dropout/BN by default; eval mode keeps any deterministic
         self.device = next(pipe.unet.parameters()).device
         self.dtype = next(pipe.unet.parameters()).dtype
@@ -261,7 +279,12 @@ class FinetuneContext:
         return torch.stack([self._embed_cache[p] for p in prompts])
 
     def current_tensors(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters' current values, named as in the pipeline (``unet.<name>``)."""
+        """The trainable parameters' current values, named as in the pipeline (``unet.<name>``); with a
+        LoRA, the merged weights ``W_0 + B A`` of the adapted layers."""
+        if self.lora_rank is not None:
+            from erasekit.lora_train import merged_tensors
+
+            return merged_tensors(self.unet, self.lora_modules)
         return {f"unet.{n}": p.detach().clone() for n, p in self.params.items()}
 
     # -------------------------------------------------------------- z_t
@@ -746,7 +769,8 @@ def finetune(
     if train_dir is not None:
         _check_train_dir(train_dir, identity, digest, config.resume)
 
-    ctx = FinetuneContext(pipe, config.train_method, ddim_steps=config.ddim_steps)
+    lora_rank = getattr(config, "lora_rank", None)  # ESD/AP/AGE declare it (erasekit.lora_train)
+    ctx = FinetuneContext(pipe, config.train_method, ddim_steps=config.ddim_steps, lora_rank=lora_rank, seed=seed)
     loss_fn.setup(ctx)
     groups = [{"params": list(ctx.params.values()), "lr": config.lr}] if loss_fn.train_unet else []
     if not loss_fn.train_unet:
@@ -825,8 +849,20 @@ def finetune(
     if run_dir is not None:
         trace["run_dir"] = str(run_dir)
         trace["log_path"] = str(train_dir / LOG_JSONL)
+    aux: dict[str, torch.Tensor] = {}
+    if lora_rank is not None:
+        from erasekit.lora_train import factor_tensors
+
+        trace["lora"] = {"rank": lora_rank, "modules": len(ctx.lora_modules)}
+        aux = factor_tensors(ctx.unet, ctx.lora_modules)
     edit = Edit(
-        tensors=ctx.current_tensors(), method=method, config=asdict(config), request=request, base=base, trace=trace
+        tensors=ctx.current_tensors(),
+        method=method,
+        config=asdict(config),
+        request=request,
+        base=base,
+        trace=trace,
+        aux=aux,
     )
     if run_dir is not None:
         RunDir.open(run_dir).save_edit(edit)

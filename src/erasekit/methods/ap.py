@@ -85,6 +85,7 @@ from erasekit.finetune import (
     ZtProducerName,
     finetune,
 )
+from erasekit.lora_train import check_lora_rank
 from erasekit.methods.base import register
 from erasekit.pipeline import base_info
 
@@ -519,9 +520,18 @@ class APConfig(FinetuneConfig):
     negative_guidance: float = option(
         1.0, "eta of L1's target eps(c_t) - eta (eps(c_e) - eps(c_t)): 0 = paper eq. 5, 1 = authors (ESD's)"
     )
+    lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "train a rank-R LoRA (peft, alpha R) on the Linear layers train_method selects instead of the "
+            "weights; the edit is W + B A and exports as a rank-R LoRA exactly (None: train the weights)",
+            "hash_omit_default": True,
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_lora_rank(self.lora_rank)
         if self.lam < 0:
             raise ValueError(f"`lam` must be >= 0, got {self.lam}.")
         choices = {

@@ -23,11 +23,21 @@ projections:
 Text encoding is the other cost: :func:`encode_unique` encodes each distinct prompt once, in
 batches, and :func:`aligned_embeddings` is UCE's token alignment on top of it.
 
-This module registers no method; UCE/RECE will call :func:`shared_closed_form_edit` once wired in.
+**Numerics.** Gram sums, the factorisation and the products run in float64: ``R`` is symmetric
+positive definite for lam > 0 and is factored by Cholesky (``torch.linalg.cholesky_ex``, then
+``cholesky_solve``; never an explicit inverse), and ``W M`` is formed in float64 before the one
+cast back to the weight's dtype. (Casting ``M`` to float32 first cost up to 8e-6 per weight in
+RECE's 2-epoch official-port test at lambda 1e-3, against 9e-7 today.) RECE composes its epochs'
+factors ``M = M_0 M_1 ...`` in float64 and applies the product once
+(:mod:`erasekit.methods.rece`), so no float32 rounding enters between epochs.
+
+This module registers no method: UCE (:func:`erasekit.methods.uce.closed_form_edit`), RECE, SPEED
+and MACE call it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -36,6 +46,20 @@ from erasekit.pipeline import cross_attention_modules, encode_prompts, last_toke
 
 
 # ------------------------------------------------------------------------------------- text side
+def check_retained_prompts(erase: Sequence[str], retained_prompts: Sequence[str], why: str) -> None:
+    """Refuse a retained (preserved) prompt that names an erased concept (whole word, any case): the
+    closed form would have to both move and keep its keys. ``why`` says what the method does with
+    retained keys; the error names the concept, the prompts and the fix."""
+    for c in erase:
+        pat = re.compile(r"\b" + re.escape(c.lower()) + r"\b")
+        hits = [p for p in retained_prompts if pat.search(p.lower())]
+        if hits:
+            raise ValueError(
+                f"The retained set contains the erased concept {c!r} (in {list(hits[:3])}); {why}. "
+                "Remove those prompts from `preserve`."
+            )
+
+
 @torch.no_grad()
 def encode_unique(pipe, prompts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
     """Text-encoder outputs (len(prompts), 77, D) for ``prompts``, each distinct prompt encoded once.
@@ -85,6 +109,80 @@ def last_subject_embeddings(pipe, prompts: Sequence[str], *, batch_size: int = 6
     emb = encode_unique(pipe, prompts, batch_size=batch_size)
     idx = torch.tensor(last_token_index(pipe, list(prompts)), device=emb.device)
     return emb[torch.arange(len(idx), device=emb.device), idx].float()
+
+
+class PromptEmbeddings:
+    """Text-encoder outputs of a set of prompts, each distinct prompt encoded once, in batches.
+
+    ``PromptEmbeddings(pipe, prompts)`` encodes the distinct ``prompts`` (order kept) ``batch_size``
+    at a time; :meth:`add` encodes only prompts not seen yet (rows already held never change, so
+    what was read from the table before stays valid). :meth:`pairs` and :meth:`rows` cut UCE's token
+    positions out of the table (:func:`erasekit.methods.uce.aligned_token_embeddings` semantics):
+
+    * ``"from_last_word"``: each prompt from its last word token to the end of the padded sequence
+      (a source and its target cut to equal length, position ``k`` after each one's last word
+      paired);
+    * ``"all"``: all 77 positions, ``i`` with ``i``.
+    """
+
+    def __init__(self, pipe, prompts: Sequence[str] = (), *, batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        self.pipe, self.batch_size = pipe, batch_size
+        self.emb: dict[str, torch.Tensor] = {}
+        self.last: dict[str, int] = {}
+        self.add(prompts)
+
+    @torch.no_grad()
+    def add(self, prompts: Sequence[str]) -> PromptEmbeddings:
+        """Encode the prompts of ``prompts`` not in the table yet; returns ``self``."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.emb]
+        for i in range(0, len(new), self.batch_size):
+            chunk = new[i : i + self.batch_size]
+            out = encode_prompts(self.pipe, chunk).float()
+            for p, e, k in zip(chunk, out, last_token_index(self.pipe, chunk), strict=True):
+                self.emb[p], self.last[p] = e, k
+        return self
+
+    def _get(self, prompt: str) -> torch.Tensor:
+        if prompt not in self.emb:
+            raise KeyError(f"Prompt {prompt!r} was not encoded: add it to the table first (PromptEmbeddings.add).")
+        return self.emb[prompt]
+
+    def full(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(n, 77, D) embeddings of ``prompts``, float32."""
+        return torch.stack([self._get(p) for p in prompts])
+
+    def pairs(
+        self, sources: Sequence[str], targets: Sequence[str], positions: str = "from_last_word"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-stacked ``(c_i, c_i*)`` of each source and its target at ``positions``: (n, D) each, float32."""
+        sources, targets = list(sources), list(targets)
+        if len(sources) != len(targets):
+            raise ValueError(f"`sources` and `targets` must pair up, got {len(sources)} and {len(targets)} prompts.")
+        if positions not in ("from_last_word", "all"):
+            raise ValueError(f"`positions` must be one of from_last_word, all, got {positions!r}.")
+        xs, ys = [], []
+        for s, t in zip(sources, targets, strict=True):
+            es, et = self._get(s), self._get(t)
+            if positions == "all":
+                xs.append(es)
+                ys.append(et)
+                continue
+            i_s, i_t = self.last[s], self.last[t]
+            n = es.shape[0] - max(i_s, i_t)
+            xs.append(es[i_s : i_s + n])
+            ys.append(et[i_t : i_t + n])
+        if not xs:
+            d = self.pipe.text_encoder.config.hidden_size
+            return torch.zeros((0, d)), torch.zeros((0, d))
+        return torch.cat(xs), torch.cat(ys)
+
+    def rows(self, prompts: Sequence[str], positions: str, dim: int) -> torch.Tensor:
+        """The preserved vectors ``c_j`` of ``prompts`` at ``positions`` (each prompt paired with itself): (m, dim)."""
+        if not prompts:
+            return torch.zeros((0, dim))
+        return self.pairs(prompts, prompts, positions)[0]
 
 
 # ------------------------------------------------------------------------------------- UCE / RECE
@@ -159,13 +257,22 @@ def cross_gram(targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     return uniq.T @ summed
 
 
-def _solve_sym(a: torch.Tensor, b: torch.Tensor, lamb: float) -> torch.Tensor:
-    """``a^-1 b`` for a symmetric ``a``: Cholesky when positive definite (lam > 0), LU otherwise."""
-    if lamb > 0:
-        chol, info = torch.linalg.cholesky_ex(a)
-        if int(info) == 0:
-            return torch.cholesky_solve(b.contiguous(), chol)
-    return torch.linalg.solve(a, b)
+def _solve_sym(a: torch.Tensor, b: torch.Tensor, lamb: float, what: str = "lamb") -> torch.Tensor:
+    """``a^-1 b`` for the symmetric positive semi-definite ``a`` of a closed form (a sum of Gram
+    matrices plus ``lamb`` I), by Cholesky. It is positive definite for lamb > 0; a Cholesky failure
+    means ``a`` is (numerically) singular: lamb = 0 and too few vectors to span the embedding space,
+    a ``ValueError`` naming the option ``what`` to raise."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0 and not bool(torch.isfinite(a).all()):
+        # a non-finite option (e.g. lamb=inf): the solve gives a non-finite edit, which erasekit.erase
+        # refuses with its own "NaN or infinite" error naming the method and config
+        return torch.linalg.solve(a, b)
+    if int(info) != 0:
+        raise ValueError(
+            f"The closed form's system is singular (`{what}` = {lamb} and the vectors do not span the "
+            f"{a.shape[0]}-d embedding space): use `{what}` > 0."
+        )
+    return torch.cholesky_solve(b.contiguous(), chol)
 
 
 def uce_factor_lowrank(
@@ -193,8 +300,8 @@ def apply_factor(
 ) -> dict[str, torch.Tensor]:
     """``W M`` (or ``W + W M`` with ``additive``) for every (out, d) weight in ``weights``.
 
-    The products run in ``dtype`` (default: each weight's own dtype, float32 for SD), one matmul per
-    projection; results are returned in each weight's dtype.
+    The products run in ``dtype`` (default: each weight's own dtype, float32 for SD; UCE and RECE
+    pass float64), one matmul per projection; results are returned in each weight's dtype.
     """
     out: dict[str, torch.Tensor] = {}
     cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -249,15 +356,17 @@ def shared_closed_form_edit(
     weights: Mapping[str, torch.Tensor] | None = None,
     *,
     preserve_scale: float | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
-    """Drop-in for :func:`erasekit.methods.uce.closed_form_edit` (same arguments, same result to
-    float rounding at moderate lambda): one :func:`uce_factor` for the edit, then ``W_old M`` for
-    every projection. Not yet what UCE/RECE call: at RECE's lambda 1e-3 it differs from the
-    per-projection solve by up to ~6e-6 (float64), beyond the 1e-6 the official-loop port test asks.
+    """UCE's edit (RECE eq. 3) of every cross-attention projection with ONE factor: what
+    :func:`erasekit.methods.uce.closed_form_edit` computes (it calls this).
 
     ``config`` is a :class:`~erasekit.methods.uce.UCEConfig` (``erase_scale``, ``preserve_scale``,
-    ``lamb``, ``projections``). RECE calls it once per epoch with its running ``weights``. With
-    fewer erased rows than d/2 it applies the low-rank form :func:`uce_factor_lowrank`.
+    ``lamb``, ``projections``); ``weights`` replaces the pipeline's current tensor for the names it
+    holds. With fewer erased rows than d/2 the low-rank form :func:`uce_factor_lowrank` is applied
+    (``W + (W A) B``), else ``W M`` with :func:`uce_factor`; the products run in ``dtype`` (float64:
+    equal to the per-projection float64 solve :func:`erasekit.methods.uce.uce_closed_form` to ~1e-12
+    relative before the cast to the weights' dtype; ``tests/test_closed_form.py``).
     """
     scale = config.preserve_scale if preserve_scale is None else preserve_scale
     if scale is None:
@@ -267,8 +376,8 @@ def shared_closed_form_edit(
     kw = dict(erase_scale=config.erase_scale, preserve_scale=scale, lamb=config.lamb)
     ws = kv_weights_for(pipe, config.projections, weights)
     if erase_in.shape[0] < erase_in.shape[1] // 2:  # few erased rows: M - I has low rank
-        return apply_lowrank(ws, *uce_factor_lowrank(erase_in, erase_target, preserve, **kw))
-    return apply_factor(ws, uce_factor(erase_in, erase_target, preserve, **kw))
+        return apply_lowrank(ws, *uce_factor_lowrank(erase_in, erase_target, preserve, **kw), dtype=dtype)
+    return apply_factor(ws, uce_factor(erase_in, erase_target, preserve, **kw), dtype=dtype)
 
 
 def kv_gram(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -282,21 +391,49 @@ def kv_gram(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return g
 
 
-def shared_derivation_matrix(g_orig: torch.Tensor, m_total: torch.Tensor, lamb: float) -> torch.Tensor:
+def shared_derivation_matrix(
+    g_orig: torch.Tensor, m_total: torch.Tensor, lamb: float, g_rest: torch.Tensor | None = None
+) -> torch.Tensor:
     """RECE eq. 8 when every edited projection is ``W_new_i = W_old_i M`` with one ``M`` (all of
-    UCE's and RECE's epochs compose shared factors, ``M = M_1 M_2 ...``):
+    UCE's and RECE's epochs compose shared factors, ``M = M_0 M_1 ...``):
 
-        (lamb I + sum W_new^T W_new)^-1 sum W_new^T W_old = (lamb I + M^T G M)^-1 M^T G,  G = sum W_old^T W_old
+        (lamb I + sum W_new^T W_new)^-1 sum W_new^T W_old = (lamb I + M^T G M + G_r)^-1 (M^T G + G_r)
 
-    so each RECE epoch costs a few (d, d) products instead of two passes over all 32 projections
-    (equals :func:`erasekit.methods.rece.derivation_matrix`; tested).
+    with ``G = sum W_old^T W_old`` over the edited projections and ``G_r`` (``g_rest``, default 0)
+    the same sum over the K/V projections eq. 8 reads but the edit leaves alone (``projections`` a
+    subset of to_k/to_v). Each RECE epoch then costs a few (d, d) products instead of two passes over
+    all 32 projections (equals :func:`erasekit.methods.rece.derivation_matrix`; tested). The
+    symmetric system is solved by Cholesky (positive definite for lamb > 0).
     """
     if lamb < 0:
         raise ValueError(f"`lamb` (lambda of RECE eq. 7) must be >= 0, got {lamb}.")
-    g, m = g_orig.double(), m_total.double()
+    g, m = g_orig.double(), m_total.double().to(g_orig.device)
+    rest = torch.zeros_like(g) if g_rest is None else g_rest.double().to(g.device)
     mtg = m.T @ g
-    a = lamb * torch.eye(g.shape[0], dtype=torch.float64, device=g.device) + mtg @ m
-    return torch.linalg.solve(0.5 * (a + a.T), mtg)
+    a = lamb * torch.eye(g.shape[0], dtype=torch.float64, device=g.device) + mtg @ m + rest
+    return _solve_sym(0.5 * (a + a.T), mtg + rest, lamb, "lamb_derive")
+
+
+def gram_residual(
+    g_orig: torch.Tensor,
+    m_total: torch.Tensor,
+    c_in: torch.Tensor,
+    c_new: torch.Tensor,
+    g_rest: torch.Tensor | None = None,
+) -> float:
+    """:func:`erasekit.methods.rece.kv_residual` for shared factors: ``sum_i ||W_new_i c_new - W_old_i c_in||^2 /
+    sum_i ||W_old_i c_in||^2`` with ``W_new_i = W_old_i M`` on the projections of ``g_orig`` and
+    ``W_new_i = W_old_i`` on those of ``g_rest``, from the (d, d) Gram matrices alone."""
+    g, m = g_orig.double(), m_total.double().to(g_orig.device)
+    x, y = c_in.double().to(g.device), c_new.double().to(g.device)
+    diff = y @ m.T - x
+    num = float(((diff @ g) * diff).sum())
+    den = float(((x @ g) * x).sum())
+    if g_rest is not None:
+        r = g_rest.double().to(g.device)
+        num += float((((y - x) @ r) * (y - x)).sum())
+        den += float(((x @ r) * x).sum())
+    return num / max(den, 1e-30)
 
 
 # ------------------------------------------------------------------------------------- SPEED

@@ -50,6 +50,7 @@ from erasekit.finetune import (
     ZtProducerName,
     finetune,
 )
+from erasekit.lora_train import check_lora_rank
 from erasekit.methods.base import register
 
 
@@ -66,9 +67,18 @@ class ESDConfig(FinetuneConfig):
         },
     )
     eta: float = field(default=1.0, metadata={"help": "negative guidance scale eta of the training target (ESD eq. 4)"})
+    lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "train a rank-R LoRA (peft, alpha R) on the Linear layers train_method selects instead of the "
+            "weights; the edit is W + B A and exports as a rank-R LoRA exactly (None: train the weights)",
+            "hash_omit_default": True,
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_lora_rank(self.lora_rank)
         if self.eta < 0:
             raise ValueError(f"ESD `eta` (negative guidance) must be >= 0, got {self.eta}.")
 

@@ -56,6 +56,7 @@ from erasekit.edit import Edit, EraseRequest, get_parameter
 from erasekit.methods.base import register
 from erasekit.methods.closed_form import (
     aligned_embeddings,
+    check_retained_prompts,
     encode_unique,
     fusion_closed_form,
     kv_weights_for,
@@ -340,6 +341,10 @@ def erase_mace(pipe, request: EraseRequest, config: MACEConfig, *, generator=Non
     erased = expand(request.erase, config.templates)
     targets = [" ".join(t.format(request.target).split()) for _ in request.erase for t in config.templates]
     preserved = expand(request.preserve, config.templates)
+    if config.preserve_scale > 0:  # the prior terms keep these prompts' K/V: they must not name an erased concept
+        check_retained_prompts(
+            request.erase, preserved, "MACE's prior terms keep their keys' outputs, so it cannot also erase them"
+        )
     weights = kv_weights_for(pipe, ("to_k", "to_v"))
     c_pres = aligned_embeddings(pipe, preserved, preserved)[0] if preserved else None
     seconds: dict[str, float] = {}

@@ -78,16 +78,23 @@ from tqdm.auto import tqdm
 
 from erasekit.edit import Edit, EraseRequest, get_parameter
 from erasekit.methods.base import register
+from erasekit.methods.closed_form import (
+    PromptEmbeddings,
+    apply_factor,
+    gram_residual,
+    kv_gram,
+    shared_derivation_matrix,
+    uce_factor,
+)
 from erasekit.methods.uce import (
     Positions,
     UCEConfig,
-    aligned_token_embeddings,
     check_positions,
     closed_form_edit,
-    preserve_embeddings,
+    uce_embeddings,
     uce_prompts,
 )
-from erasekit.pipeline import base_info, cross_attention_modules, encode_prompts
+from erasekit.pipeline import base_info, cross_attention_modules
 
 DERIVED_KEY = "rece.derived"
 
@@ -119,14 +126,16 @@ class RECEConfig:
     lamb_derive: float = field(
         default=0.1, metadata={"help": "lambda of eq. 7: pulls the derived embedding to 0 (0.1 unsafe, 1e-3 art)"}
     )
-    erase_scale: float = field(default=1.0, metadata={"help": "weight of the erase terms of eq. 3 (UCE step and epochs)"})
+    erase_scale: float = field(
+        default=1.0, metadata={"help": "weight of the erase terms of eq. 3 (UCE step and epochs)"}
+    )
     preserve_scale: float = field(
         default=0.1, metadata={"help": "lambda_1 of eq. 2/3 in the epochs: weight of the preserve terms"}
     )
-    lamb: float = field(default=0.1, metadata={"help": "lambda_2 of eq. 2/3 in the epochs: weight of ||W - W_old||_F^2"})
-    uce_lamb: float = field(
-        default=0.5, metadata={"help": "lambda_2 of the UCE step (authors: UCE's 0.5; paper: 0.1)"}
+    lamb: float = field(
+        default=0.1, metadata={"help": "lambda_2 of eq. 2/3 in the epochs: weight of ||W - W_old||_F^2"}
     )
+    uce_lamb: float = field(default=0.5, metadata={"help": "lambda_2 of the UCE step (authors: UCE's 0.5; paper: 0.1)"})
     uce_preserve_scale: float | None = field(
         default=None,
         metadata={"help": "lambda_1 of the UCE step; None: UCE's code's max(0.1, 1/#retained) (paper: 0.1)"},
@@ -160,7 +169,9 @@ class RECEConfig:
         if self.lamb_derive < 0:
             raise ValueError(f"RECE `lamb_derive` (lambda of eq. 7) must be >= 0, got {self.lamb_derive}.")
         if self.uce_lamb < 0 or (self.uce_preserve_scale is not None and self.uce_preserve_scale < 0):
-            raise ValueError("RECE `uce_lamb` and `uce_preserve_scale` must be >= 0 (`uce_preserve_scale` may be None).")
+            raise ValueError(
+                "RECE `uce_lamb` and `uce_preserve_scale` must be >= 0 (`uce_preserve_scale` may be None)."
+            )
         check_positions("derived_positions", self.derived_positions)
         self.projections = tuple(self.projections)
         self.uce_config()  # validates the eq. 3 settings with UCE's own checks
@@ -266,50 +277,73 @@ def kv_residual(
 
 
 def _run(pipe, request: EraseRequest, config: RECEConfig, epochs: int, progress: bool) -> Edit:
-    """Algorithm 1 with ``epochs`` derive-erase rounds (0 = the UCE step alone)."""
-    t0 = time.perf_counter()
+    """Algorithm 1 with ``epochs`` derive-erase rounds (0 = the UCE step alone).
+
+    Every epoch's eq. 3 edit is ``W <- W M_t`` with one (d, d) factor ``M_t`` for all projections
+    (:func:`erasekit.methods.closed_form.uce_factor`), so the weights after ``t`` rounds are
+    ``W_orig M_0 M_1 ... M_t``: the running product is kept in float64, eq. 8 is evaluated from
+    it and the Gram matrix of the original K/V (:func:`~erasekit.methods.closed_form.shared_derivation_matrix`),
+    and the product is applied to the weights once at the end (float64, then cast). With no epoch
+    the edit is UCE's own (:func:`erasekit.methods.uce.closed_form_edit`), bit for bit.
+    """
+    t0, p0 = time.perf_counter(), time.process_time()
     uce_cfg, epoch_cfg = config.uce_config(), config.epoch_config()
-    # 1. Text embeddings of E and P (Algorithm 1, line 3) and the original K/V (line 4).
+    # 1. Text embeddings of E and P (Algorithm 1, line 3), each distinct prompt encoded once.
     erased, targets, preserved_uce = uce_prompts(request, uce_cfg)
     _, _, preserved_epoch = uce_prompts(request, epoch_cfg)
-    c_in, c_tgt = aligned_token_embeddings(pipe, erased, targets)  # the UCE step's from-last-word pairs
+    table = PromptEmbeddings(pipe, erased + targets + preserved_uce)  # what UCE encodes, in UCE's order
+    c_in, c_tgt, c_pres_uce = uce_embeddings(table, erased, targets, preserved_uce, uce_cfg)
+    table.add(preserved_epoch)
     d = c_in.shape[1]
-    c_pres_uce = preserve_embeddings(pipe, preserved_uce, config.preserve_positions, d)
-    c_pres_epoch = preserve_embeddings(pipe, preserved_epoch, config.preserve_positions, d)
-    uce_scale = uce_cfg.resolved_preserve_scale(len(preserved_uce))
-    full = encode_prompts(pipe, erased).float()  # (n, 77, D): the erased prompts, all positions
+    c_pres_epoch = table.rows(preserved_epoch, config.preserve_positions, d)
+    full = table.full(erased).double()  # (n, 77, D): the erased prompts, all positions
     # the positions of each epoch's erase pairs: the source rows c (mapped to c' = M c) and the targets c*
-    c_src, c_der_tgt = aligned_token_embeddings(pipe, erased, targets, config.derived_positions)
+    c_src, c_der_tgt = table.pairs(erased, targets, config.derived_positions)
+    c_src = c_src.double()
+    t_text, p_text = time.perf_counter() - t0, time.process_time() - p0
+    # the original K/V (line 4): eq. 8 reads every to_k/to_v; the edit changes `projections`
     w_orig = kv_weights(pipe.unet)
-    names = list(w_orig)
+    edited = [k for k in w_orig if k.rsplit(".", 2)[-2] in config.projections]
+    g_edit = kv_gram({k: w_orig[k] for k in edited})
+    rest = [k for k in w_orig if k not in edited]
+    g_rest = kv_gram({k: w_orig[k] for k in rest}) if rest else None
 
-    # 2. Preliminary erasing with UCE (line 6).
-    current: dict[str, torch.Tensor] = closed_form_edit(pipe, c_in, c_tgt, c_pres_uce, uce_cfg, preserve_scale=uce_scale)
+    # 2. Preliminary erasing with UCE (line 6): W_orig M_0.
+    uce_scale = uce_cfg.resolved_preserve_scale(len(preserved_uce))
+    m_total = uce_factor(
+        c_in, c_tgt, c_pres_uce, erase_scale=uce_cfg.erase_scale, preserve_scale=uce_scale, lamb=uce_cfg.lamb
+    )
     t_uce = time.perf_counter() - t0
-
-    def now() -> dict[str, torch.Tensor]:
-        return {k: current.get(k, w_orig[k]) for k in names}
 
     derived, log = [], []
     # 3. Derive (lines 9-12) and erase (lines 14-16), `epochs` times; then one probe derivation.
     for epoch in tqdm(range(epochs + 1), desc="rece epochs", disable=not progress, unit="epoch"):
-        w_now = now()
-        m = derivation_matrix([w_orig[k] for k in names], [w_now[k] for k in names], config.lamb_derive)
-        m = m.to(device=full.device)
-        derived.append((full.double() @ m.T).float())  # (n, 77, D)
-        c_der = (c_src.double() @ m.T).float()  # the same map on the positions this epoch erases
+        m = shared_derivation_matrix(g_edit, m_total, config.lamb_derive, g_rest)
+        derived.append((full @ m.T).float())  # (n, 77, D)
+        c_der = c_src @ m.T  # the same map on the positions this epoch erases (float64)
         log.append(
             {
                 "epoch": epoch,
                 "erased": epoch < epochs,
-                "residual_derived": kv_residual(w_orig, w_now, c_src, c_der),
-                "residual_concept": kv_residual(w_orig, w_now, c_src, c_src),
+                "residual_derived": gram_residual(g_edit, m_total, c_src, c_der, g_rest),
+                "residual_concept": gram_residual(g_edit, m_total, c_src, c_src, g_rest),
                 "derived_norm_ratio": float(c_der.norm() / c_src.norm().clamp_min(1e-30)),
             }
         )
         if epoch == epochs:
             break
-        current = {**current, **closed_form_edit(pipe, c_der, c_der_tgt, c_pres_epoch, epoch_cfg, weights=current)}
+        m_total = m_total @ uce_factor(
+            c_der,
+            c_der_tgt,
+            c_pres_epoch,
+            erase_scale=epoch_cfg.erase_scale,
+            preserve_scale=float(epoch_cfg.preserve_scale),
+            lamb=epoch_cfg.lamb,
+        )
+    if epochs == 0:  # the UCE step alone: UCE's own edit (low-rank form when the erased rows are few)
+        current = closed_form_edit(pipe, c_in, c_tgt, c_pres_uce, uce_cfg, preserve_scale=uce_scale)
+    else:
+        current = apply_factor({k: w_orig[k] for k in edited}, m_total, dtype=torch.float64)
 
     seconds = time.perf_counter() - t0
     return Edit(
@@ -330,7 +364,14 @@ def _run(pipe, request: EraseRequest, config: RECEConfig, epochs: int, progress:
                 "the last one is derived from the final model and not erased (a probe).",
             },
             "epochs_log": log,
-            "seconds": {"uce": round(t_uce, 4), "total": round(seconds, 4)},
+            "seconds": {
+                "text": round(t_text, 4),
+                "uce": round(t_uce, 4),
+                "closed_form": round(seconds - t_text, 4),
+                "total": round(seconds, 4),
+                "text_cpu": round(p_text, 4),
+                "closed_form_cpu": round(time.process_time() - p0 - p_text, 4),
+            },
         },
         aux={DERIVED_KEY: torch.stack(derived).contiguous()},
     )

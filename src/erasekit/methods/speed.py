@@ -48,7 +48,6 @@ Example::
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -61,6 +60,7 @@ from erasekit.methods.closed_form import (
     aligned_embeddings,
     apply_factor,
     apply_lowrank,
+    check_retained_prompts,
     encode_unique,
     kmeans,
     kv_weights_for,
@@ -141,16 +141,8 @@ class SPEEDConfig:
 
 
 def check_retained(erase: list[str], retained_prompts: list[str]) -> None:
-    """Refuse a retained prompt that names an erased concept (whole word, any case): its keys would
-    be both erased and kept exactly, so the null space cannot hold the edit."""
-    for c in erase:
-        pat = re.compile(r"\b" + re.escape(c.lower()) + r"\b")
-        hits = [p for p in retained_prompts if pat.search(p.lower())]
-        if hits:
-            raise ValueError(
-                f"The retained set contains the erased concept {c!r} (in {hits[:3]}); SPEED keeps retained keys "
-                f"exactly, so it cannot also erase them. Remove those prompts from `preserve`."
-            )
+    """SPEED keeps retained keys exactly: :func:`erasekit.methods.closed_form.check_retained`."""
+    check_retained_prompts(erase, retained_prompts, "SPEED keeps retained keys exactly, so it cannot also erase them")
 
 
 def influence(w: torch.Tensor, n0: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ default) is not implemented.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -50,7 +51,8 @@ import torch
 
 from erasekit.edit import Edit, EraseRequest
 from erasekit.methods.base import register
-from erasekit.pipeline import base_info, cross_attention_modules, encode_prompts, last_token_index
+from erasekit.methods.closed_form import PromptEmbeddings, shared_closed_form_edit
+from erasekit.pipeline import base_info, encode_prompts, last_token_index
 
 POSITIONS = ("from_last_word", "all")
 Positions = Literal["from_last_word", "all"]
@@ -98,7 +100,9 @@ class UCEConfig:
 
     def __post_init__(self) -> None:
         if self.lamb < 0 or self.erase_scale < 0 or (self.preserve_scale is not None and self.preserve_scale < 0):
-            raise ValueError("UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0 (`preserve_scale` may be None).")
+            raise ValueError(
+                "UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0 (`preserve_scale` may be None)."
+            )
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError(f"UCE `templates` must be non-empty and each contain '{{}}', got {self.templates}.")
         bad = set(self.projections) - {"to_k", "to_v"}
@@ -186,29 +190,26 @@ def closed_form_edit(
     *,
     preserve_scale: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Apply :func:`uce_closed_form` to every cross-attention projection of ``pipe``'s current
-    weights (or, for a name in ``weights``, to that tensor instead: RECE edits its own running
-    copy); returns the new tensors by parameter name. ``preserve_scale`` (default: the config's,
-    which must then be a number) weights the preserve terms."""
-    scale = config.preserve_scale if preserve_scale is None else preserve_scale
-    if scale is None:
-        raise ValueError("`preserve_scale` is None (the authors' rule): resolve it with config.resolved_preserve_scale(n).")
-    out: dict[str, torch.Tensor] = {}
-    for mod_name, attn in cross_attention_modules(pipe.unet).items():
-        for proj in config.projections:
-            name = f"unet.{mod_name}.{proj}.weight"
-            w_old = weights[name] if weights is not None and name in weights else getattr(attn, proj).weight.detach()
-            w_new = uce_closed_form(
-                w_old,
-                erase_in.to(w_old.device),
-                erase_target.to(w_old.device),
-                preserve.to(w_old.device),
-                erase_scale=config.erase_scale,
-                preserve_scale=scale,
-                lamb=config.lamb,
-            )
-            out[name] = w_new
-    return out
+    """:func:`uce_closed_form` for every cross-attention projection of ``pipe``'s current weights (or,
+    for a name in ``weights``, that tensor instead); returns the new tensors by parameter name.
+    ``preserve_scale`` (default: the config's, which must then be a number) weights the preserve terms.
+
+    Every projection reads the same text embeddings, so ``W_new = W_old M`` with one (d, d) factor
+    ``M = L R^-1`` for all of them: one Cholesky factorisation of ``R`` per edit, in float64, then one
+    float64 product per projection (:func:`erasekit.methods.closed_form.shared_closed_form_edit`;
+    equal to the per-projection solve, ``tests/test_closed_form.py``).
+    """
+    return shared_closed_form_edit(
+        pipe, erase_in, erase_target, preserve, config, weights, preserve_scale=preserve_scale
+    )
+
+
+def uce_embeddings(
+    table: PromptEmbeddings, erased: list[str], targets: list[str], preserved: list[str], config: UCEConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(c_i, c_i*, c_j)`` of UCE's eq. 3 from an encoded ``table`` at the config's token positions."""
+    c_in, c_tgt = table.pairs(erased, targets, config.erase_positions)
+    return c_in, c_tgt, table.rows(preserved, config.preserve_positions, c_in.shape[1])
 
 
 def uce_prompts(
@@ -249,11 +250,14 @@ def uce_prompts(
 def erase_uce(pipe, request: EraseRequest, config: UCEConfig, *, generator=None, progress: bool = True) -> Edit:
     """Erase ``request.erase`` with UCE (RECE paper eq. 3; the module docstring says where the ``authors``
     preset departs from the paper); the pipeline is left unchanged."""
+    t0, p0 = time.perf_counter(), time.process_time()
     erased, targets, preserved = uce_prompts(request, config)
-    c_in, c_tgt = aligned_token_embeddings(pipe, erased, targets, config.erase_positions)
-    c_pres = preserve_embeddings(pipe, preserved, config.preserve_positions, c_in.shape[1])
+    table = PromptEmbeddings(pipe, erased + targets + preserved)  # each distinct prompt encoded once
+    c_in, c_tgt, c_pres = uce_embeddings(table, erased, targets, preserved, config)
+    t_text, p_text = time.perf_counter() - t0, time.process_time() - p0
     scale = config.resolved_preserve_scale(len(preserved))
     tensors = closed_form_edit(pipe, c_in, c_tgt, c_pres, config, preserve_scale=scale)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - p0
     return Edit(
         tensors=tensors,
         method="uce",
@@ -265,5 +269,12 @@ def erase_uce(pipe, request: EraseRequest, config: UCEConfig, *, generator=None,
             "target_prompts": targets,
             "preserve_prompts": preserved,
             "preserve_scale": scale,
+            "seconds": {
+                "text": round(t_text, 4),
+                "closed_form": round(seconds - t_text, 4),
+                "total": round(seconds, 4),
+                "text_cpu": round(p_text, 4),
+                "closed_form_cpu": round(cpu - p_text, 4),
+            },
         },
     )
