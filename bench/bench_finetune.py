@@ -83,7 +83,9 @@ def time_method(pipe, request: EraseRequest, method: str, producer: str, args, s
         # A short bench run refreshes a pool capped to its own few steps; a long run refreshes full pools
         # of zt_pool_size trajectories. Charge each step its share of one full refresh, timed on its own.
         ctx = ft.FinetuneContext(pipe, config.train_method, ddim_steps=config.ddim_steps)
-        full = ft.PooledProducer(ctx, replace(config, steps=10**9), request.erase, seed)
+        # the refresh as the run made it: ESD and AP (empty anchor) keep the trajectories' frozen predictions
+        keeps = method in ("esd", "ap") and request.target == ""
+        full = ft.PooledProducer(ctx, replace(config, steps=10**9), request.erase, seed, frozen_eps=keeps)
         t0 = time.perf_counter()
         full._refresh(0, 0)
         refresh = time.perf_counter() - t0
