@@ -13,7 +13,8 @@ and cached under ``OUT/edits-not-committed/<concept>/<row>/`` (a cached edit mad
 settings is refused); probe runs are resumable under ``OUT/edits-not-committed/runs/``. Results:
 ``OUT/probes.json`` (written after every cell) and ``OUT/probes.md``.
 
-    nice python bench/probes.py --out bench/results/probes            # the miniature (~1 h on 2 busy cores)
+    nice python bench/probes.py --concepts triangle --out bench/results/probes/triangle   # the miniature
+    nice python bench/probes.py --concepts fire --out bench/results/probes/fire           # (in parallel)
     python bench/probes.py --tiny --out runs/probes-tiny               # smoke test, random tiny model
 """
 
@@ -37,7 +38,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "ap": ("ap", {}),
 }
 FINETUNED = {"esd", "ap", "hide"}
-LEVELS = {"noise": [0.2, 0.4, 0.6, 0.8], "inpaint": [0.5, 1.0], "completion": [0.1, 0.2, 0.4]}
+LEVELS = {"noise": [0.2, 0.4, 0.6, 0.8], "inpaint": [1.0], "completion": [0.2]}
 
 
 def method_settings(row: str, concept: str, a: argparse.Namespace) -> dict[str, Any]:
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--methods", default=",".join(ROWS), help=f"rows among {', '.join(ROWS)}")
     p.add_argument("--n-prompts", type=int, default=10)
     p.add_argument("--n-images", type=int, default=5, help="images per prompt (n-prompts x n-images per cell)")
-    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps of ESD-x, AP and hiding")
+    p.add_argument("--steps", type=int, default=80, help="fine-tuning steps of ESD-x, AP and hiding")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps of the z_t sampler while fine-tuning")
     p.add_argument("--seed", type=int, default=0)
