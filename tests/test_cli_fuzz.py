@@ -184,3 +184,30 @@ def test_seeded_random_erase_and_generate(fast_load, tmp_path, seed):
         seeds = rng.choice([_random_token(rng), f"{rng.randint(-3, 5)}:{rng.randint(-3, 5)}", str(rng.randint(0, 3))])
         check(["generate", "--model", "tiny", "--prompt", _random_token(rng) or "x", "--seeds", seeds,
                "--steps", str(rng.randint(-1, 2)), "--out", str(tmp_path / f"q{i}"), "--quiet"])  # fmt: skip
+
+
+def test_duplicate_and_contradictory_concepts(fast_load, tmp_path):
+    from erasekit import Edit
+
+    assert (
+        check(
+            [
+                "erase",
+                "--model",
+                "tiny",
+                "--erase",
+                "triangle,triangle",
+                "--erase",
+                " triangle",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
+    assert Edit.load(tmp_path / "d").request.erase == ["triangle"]
+    out = tmp_path / "c"
+    res = runner.invoke(
+        app, ["erase", "--model", "tiny", "--erase", "triangle", "--preserve", "triangle", "--out", str(out)]
+    )
+    assert res.exit_code == 2 and "both erased and preserved" in res.output and not out.exists()
