@@ -15,12 +15,14 @@ settings is refused); probe runs are resumable under ``OUT/edits-not-committed/r
 
     nice python bench/probes.py --concepts triangle --out bench/results/probes/triangle   # the miniature
     nice python bench/probes.py --concepts fire --out bench/results/probes/fire           # (in parallel)
+    nice python bench/probes.py --methods original --out bench/results/probes/original    # unedited baseline
     python bench/probes.py --tiny --out runs/probes-tiny               # smoke test, random tiny model
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import traceback
@@ -30,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+ROWS: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "original": (None, {}),  # the unedited model: what the probes give without any erasure (the baseline)
     "uce": ("uce", {}),
     "rece": ("rece", {}),
     "esd-x": ("esd", {"train_method": "xattn"}),
@@ -48,6 +51,8 @@ def method_settings(row: str, concept: str, a: argparse.Namespace) -> dict[str, 
 
     method, extra = ROWS[row]
     over = dict(extra)
+    if method is None:
+        return over
     if method == "rece":
         over.update(RECE_PRESETS["unsafe" if concept == UNSAFE else "object"])
     if method in FINETUNED:
@@ -61,6 +66,8 @@ def load_or_make_edit(original, row: str, concept: str, over: dict[str, Any], ro
     from erasekit.edit import Edit, EraseRequest
     from erasekit.io import write_json_atomic
 
+    if ROWS[row][0] is None:
+        return None, 0.0
     d = root / concept / row
     if (d / "edit.json").exists():
         saved = json.loads((d / "bench.json").read_text())
@@ -177,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="random tiny pipeline + stand-in detector (a smoke test)")
     p.add_argument("--concepts", default="triangle,fire")
-    p.add_argument("--methods", default=",".join(ROWS), help=f"rows among {', '.join(ROWS)}")
+    p.add_argument(
+        "--methods", default=",".join(r for r in ROWS if r != "original"), help=f"rows among {', '.join(ROWS)}"
+    )
     p.add_argument("--n-prompts", type=int, default=10)
     p.add_argument("--n-images", type=int, default=5, help="images per prompt (n-prompts x n-images per cell)")
     p.add_argument("--steps", type=int, default=80, help="fine-tuning steps of ESD-x, AP and hiding")
@@ -257,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[{row} / {concept}] {over}", flush=True)
             try:
                 edit, seconds = load_or_make_edit(original, row, concept, over, cache)
-                with edit.applied(edited):
+                with edit.applied(edited) if edit is not None else contextlib.nullcontext():
                     rep = run_probes(
                         edited,
                         original,
