@@ -777,7 +777,8 @@ def _check_run_dir(run_dir: Path, identity: dict[str, Any], digest: str, resume:
     """Refuse a run directory that holds a different run, or any run when not resuming (writes nothing)."""
     meta_path = run_dir / RUN_JSON
     if not meta_path.exists():
-        if run_dir.exists() and any(run_dir.iterdir()):
+        # a kill before the first write completed leaves only an atomic write's temporary file: not a run
+        if run_dir.exists() and any(not (c.name.startswith(".") and c.name.endswith(".tmp")) for c in run_dir.iterdir()):
             raise ValueError(
                 f"`run_dir` {str(run_dir)!r} is not empty and holds no run ({RUN_JSON} missing); choose a new directory."
             )
