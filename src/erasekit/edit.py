@@ -37,14 +37,15 @@ class EraseRequest:
 
     ``preserve`` may hold the empty prompt ``""`` (a blank or whitespace-only entry becomes ``""``):
     the closed forms (UCE, RECE) then keep the unconditional branch of classifier-free guidance, as
-    their authors' code always does. Duplicates are dropped, order kept."""
+    their authors' code always does. Duplicates (in either list) are dropped, order kept; a concept
+    both erased and preserved is an error."""
 
     erase: list[str]
     preserve: list[str] = field(default_factory=list)
     anchor: str | None = None
 
     def __post_init__(self) -> None:
-        erase = [c.strip() for c in self.erase if c and c.strip()]
+        erase = list(dict.fromkeys(c.strip() for c in self.erase if c and c.strip()))
         if not erase:
             raise ValueError("`erase` is empty: name at least one concept to erase, e.g. --erase triangle.")
         preserve = list(dict.fromkeys((c or "").strip() for c in self.preserve))

@@ -879,7 +879,11 @@ def _round(d: dict[str, float]) -> dict[str, float]:
 def _check_train_dir(train_dir: Path, identity: dict[str, Any], digest: str, resume: bool) -> None:
     """Refuse a ``train/`` folder that holds a different run, or any run when not resuming (writes nothing)."""
     if not (train_dir / TRAIN_JSON).exists():
-        if train_dir.exists() and any(not p.name.endswith(".lock") for p in train_dir.iterdir()):
+        # a kill before the first write completed leaves only a lock or an atomic write's temporary file: not a run
+        if train_dir.exists() and any(
+            not (p.name.endswith(".lock") or (p.name.startswith(".") and p.name.endswith(".tmp")))
+            for p in train_dir.iterdir()
+        ):
             raise ValueError(
                 f"`run_dir` {str(train_dir.parent)!r} has a non-empty {TRAIN_DIR}/ that holds no run ({TRAIN_JSON} "
                 "missing); choose a new directory."

@@ -183,9 +183,13 @@ def coerce_option(key: str, value: Any, raw: str, tp: Any) -> Any:
         raise ValueError(f"`--set {key}={raw}`: must be an integer, e.g. {key}=100.")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                value = float(value)  # an integer beyond float's range overflows here
+            except OverflowError:
+                value = math.inf
             if not math.isfinite(value):
                 raise ValueError(f"`--set {key}={raw}`: must be a finite number.")
-            return float(value)
+            return value
         raise ValueError(f"`--set {key}={raw}`: must be a number, e.g. {key}=0.1.")
     if tp is str:
         return value if isinstance(value, str) else raw

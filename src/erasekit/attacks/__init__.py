@@ -13,12 +13,17 @@ inversion     white-box  embedding inversion: RECE eq. 8 in closed form (K/V edi
 unlearndiff   white-box  k discrete prefix tokens minimising the edited model's denoising loss
 ringabell     black-box  concept direction from paired prompts + genetic search for its tokens
 paraphrase    black-box  prompts that mean the concept without naming it
+noise         sampler    probe: start from a real concept image noised to step t (Lu et al. 2025)
+inpaint       sampler    probe: the model fills a masked part of a real concept image (RePaint)
+completion    white-box  probe: the ORIGINAL model runs the first steps, the edited one finishes
 ============  =========  ==========================================================================
 
-:func:`erasekit.attacks.asr.run_attacks` runs several and reports ASR, pre-attack rate and cost.
+:func:`erasekit.attacks.asr.run_attacks` runs several and reports ASR, pre-attack rate and cost;
+:func:`erasekit.attacks.probes.run_probes` runs the probes at several noise levels / hand-over
+points and reports ASR per level with counts and 95% Wilson intervals.
 """
 
-from erasekit.attacks import inversion, paraphrase, ringabell, unlearndiff  # noqa: F401 - register attacks
+from erasekit.attacks import inversion, paraphrase, probes, ringabell, unlearndiff  # noqa: F401 - register attacks
 from erasekit.attacks.asr import ConceptJudge, attack_asr, concept_judge, default_prompts, run_attacks
 from erasekit.attacks.base import (
     Attack,
@@ -33,6 +38,7 @@ from erasekit.attacks.base import (
     run_attack,
     token_vocabulary,
 )
+from erasekit.attacks.probes import run_probes, steered_images
 
 __all__ = [
     "Attack",
@@ -50,5 +56,7 @@ __all__ = [
     "register_attack",
     "run_attack",
     "run_attacks",
+    "run_probes",
+    "steered_images",
     "token_vocabulary",
 ]

@@ -98,6 +98,14 @@ class Attack(ABC):
     def attack(self, ctx: AttackContext, prompt: str, index: int, generator: torch.Generator) -> AttackOutput:
         """The adversarial output for ``prompt`` (the ``index``-th of the prompt set)."""
 
+    def generate(
+        self, ctx: AttackContext, output: AttackOutput, seeds: list[int], sampling: SamplingConfig
+    ) -> np.ndarray:
+        """The edited model's images (uint8 (n, H, W, 3), one per seed) for ``output``: plain sampling
+        from its prompt, ids or embeddings. Probes that steer the sampler itself (start from a noised
+        real image, inpaint, hand over from the original model) override this."""
+        return _images_for(output, ctx.edited, seeds, sampling)
+
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -502,7 +510,7 @@ def run_attack(
         t1 = time.perf_counter()
         seeds = image_seeds(i, n_images, seed)
         with CallCounter(edited, original) as c_gen:
-            imgs = _images_for(out, edited, seeds, sampling)
+            imgs = attack.generate(ctx, out, seeds, sampling)
         t2 = time.perf_counter()
         rec: dict[str, Any] = {
             "index": i,

@@ -144,27 +144,34 @@ def generate_images(
     return np.concatenate(out) if out else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
 
 
+MAX_SEEDS = 10_000_000  # seeds one --seeds range may name
+
+
 def parse_seeds(seeds: str) -> list[int]:
     """``'0:10'`` -> 0..9; ``'1,5,7'`` -> [1, 5, 7]; ``'3'`` -> [3]. Empty ranges, negative and
     repeated seeds are errors that say so."""
     try:
         if ":" in seeds:
-            a, b = seeds.split(":")
-            out = list(range(int(a), int(b)))
-            if not out:
+            a, b = (int(x) for x in seeds.split(":"))
+            if b <= a:
                 raise ValueError(
                     f"`--seeds {seeds}` is an empty range: the end must be greater than the start, e.g. 0:10."
                 )
+            if b - a > MAX_SEEDS:  # checked before the list is built: 0:10**11 must not exhaust memory
+                raise ValueError(f"`--seeds {seeds}` names {b - a} seeds; at most {MAX_SEEDS} per run.")
+            out = list(range(a, b))
         else:
             out = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError as e:
-        if "empty range" in str(e):
+        if "empty range" in str(e) or "at most" in str(e):
             raise
         raise ValueError(f"`--seeds` {seeds!r} must look like '0:10' or '1,5,7'.") from None
     if not out:
         raise ValueError(f"`--seeds` {seeds!r} names no seed; use e.g. '0:10' or '1,5,7'.")
     if min(out) < 0:
         raise ValueError(f"`--seeds` {seeds!r}: seeds must be >= 0.")
+    if max(out) >= 2**63:
+        raise ValueError(f"`--seeds` {seeds!r}: seeds must be < 2**63 (torch generators take 64-bit seeds).")
     if len(set(out)) != len(out):
         raise ValueError(f"`--seeds` {seeds!r} repeats a seed; each image would be made twice.")
     return out
