@@ -66,9 +66,10 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from erasekit.edit import Edit, EraseRequest
+from erasekit.families import family_of
 from erasekit.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from erasekit.methods.base import is_read
-from erasekit.pipeline import base_info, encode_prompts
+from erasekit.pipeline import base_info
 from erasekit.targets import select_parameters
 
 # ESD-u as ESD's code selects it: everything except cross-attention, the global time embedding MLP
@@ -213,25 +214,24 @@ class FinetuneContext:
     """
 
     def __init__(self, pipe, train_method: str, *, ddim_steps: int = 50) -> None:
-        from diffusers import DDIMScheduler
-
         self.pipe = pipe
-        self.target = resolve_target(train_method)
-        chosen = select_parameters(pipe.unet, self.target)
+        self.family = family_of(pipe)  # what conditioning, prediction and z_t sampling mean (erasekit.families)
+        self.denoiser = self.family.denoiser(pipe)  # the caller's UNet (or SD3 transformer), never written
+        self.target = self.family.train_target(train_method)
+        chosen = select_parameters(self.denoiser, self.target)
         self.originals: dict[str, torch.Tensor] = {n: p.detach() for n, p in chosen.items()}
-        self.unet = _structural_copy(pipe.unet, set(chosen))
+        self.unet = _structural_copy(self.denoiser, set(chosen))
         self.params: dict[str, torch.nn.Parameter] = {n: self.unet.get_parameter(n) for n in chosen}
         self.unet.train(False)  # the UNet has no dropout/BN by default; eval mode keeps any deterministic
-        self.device = next(pipe.unet.parameters()).device
-        self.dtype = next(pipe.unet.parameters()).dtype
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(ddim_steps, device=self.device)
+        self.device = next(self.denoiser.parameters()).device
+        self.dtype = next(self.denoiser.parameters()).dtype
+        self.scheduler = self.family.train_scheduler(pipe, ddim_steps, self.device)
         self._embed_cache: dict[str, torch.Tensor] = {}
 
     # -------------------------------------------------------------- model calls
     def eps(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """eps_theta'(z_t, c, t) of the model being fine-tuned."""
-        return self.unet(z, t, encoder_hidden_states=cond).sample
+        return self.family.predict(self.pipe, self.unet, z, t, cond)
 
     def eps_frozen(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """eps_theta(z_t, c, t) of the original model (the caller's tensors, never trained).
@@ -243,30 +243,29 @@ class FinetuneContext:
         graph, no version counters, no parameter swap) and an ordinary tensor is returned.
         """
         if torch.is_grad_enabled() and (z.requires_grad or cond.requires_grad):
-            return functional_call(self.unet, self.originals, (z, t), {"encoder_hidden_states": cond}).sample
+            kwargs = self.family.model_kwargs(self.pipe, z, t, cond)
+            return functional_call(self.unet, self.originals, (), kwargs).sample
         with torch.inference_mode():  # read-only: the caller's own UNet holds exactly the original tensors
-            out = self.pipe.unet(z, t, encoder_hidden_states=cond).sample
+            out = self.family.predict(self.pipe, self.denoiser, z, t, cond)
         return out.clone()  # an inference tensor cannot be saved for backward (ESD's loss uses it as a target)
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text-encoder embeddings (B, 77, D) of ``prompts``, cached per prompt (the encoder is frozen)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
         if missing:
-            emb = encode_prompts(self.pipe, missing).to(self.device, self.dtype)
+            emb = self.family.encode_condition(self.pipe, missing).to(self.device, self.dtype)
             self._embed_cache.update(zip(missing, emb, strict=True))
         return torch.stack([self._embed_cache[p] for p in prompts])
 
     def current_tensors(self) -> dict[str, torch.Tensor]:
         """The trainable parameters' current values, named as in the pipeline (``unet.<name>``)."""
-        return {f"unet.{n}": p.detach().clone() for n, p in self.params.items()}
+        return {f"{self.family.denoiser_name}.{n}": p.detach().clone() for n, p in self.params.items()}
 
     # -------------------------------------------------------------- z_t
     def initial_noise(self, b: int, generator: torch.Generator) -> torch.Tensor:
         """The DDIM run's starting latents (b, C, h, w): Gaussian noise from ``generator`` (drawn on the CPU,
         so a seed gives the same noise on every device) times the scheduler's ``init_noise_sigma``."""
-        cfg = self.pipe.unet.config
-        shape = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        return torch.randn(shape, generator=generator).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        return self.family.initial_noise(self.pipe, self.scheduler, b, generator, self.device, self.dtype)
 
     def ddim_latents(
         self,
@@ -306,7 +305,7 @@ class FinetuneContext:
                 e_u, e_c = model(
                     torch.cat([z_a, z_a]), t.expand(2 * n), torch.cat([uncond.expand(n, -1, -1), c_a])
                 ).chunk(2)
-                new = self.scheduler.step(e_u + guidance * (e_c - e_u), t, z_a).prev_sample
+                new = self.family.scheduler_step(self.scheduler, e_u + guidance * (e_c - e_u), t, z_a)
                 z = new if full else z.index_copy(0, rows.to(z.device), new)
                 if keep_all:
                     seen.append(z)

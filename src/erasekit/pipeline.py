@@ -132,7 +132,10 @@ def load_pipeline(
                 f"{'/'.join(k for k in need if k not in index)}: the folder is incomplete."
             )
         cls = _pipeline_class(family)
-        pipe = cls.from_pretrained(path, local_files_only=True, **kwargs, **(sd_kwargs if family == "sd1" else {}))
+        # components saved as absent (e.g. SD3 without T5: [null, null]) are passed as None explicitly
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+        extra = {**(sd_kwargs if family == "sd1" else {}), **absent}
+        pipe = cls.from_pretrained(path, local_files_only=True, **kwargs, **extra)
         model_id = local = str(path.resolve())
     elif name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
         raise FileNotFoundError(f"`model` folder {name!r} does not exist. Check the path, or pass 'shapes'.")

@@ -241,6 +241,19 @@ class FamilyAdapter:
         fixed ``z_t`` and the coefficients sum to 1)."""
         return out_anchor - eta * (out_erase - out_anchor)
 
+    def prediction_loss(
+        self, pipe, sched, pred: torch.Tensor, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor, space: str
+    ) -> torch.Tensor:
+        """AP/AGE's ``loss_space`` on this family: ``eps`` compares the model's own outputs (eps, v or u;
+        AP eq. 5 in the model's space), ``x0`` the clean latents they imply (the authors' code's x0 loss)."""
+        if space == "eps":
+            return torch.nn.functional.mse_loss(pred, target)
+        if space == "x0":
+            return torch.nn.functional.mse_loss(
+                self.to_x0(pipe, sched, pred, z, t), self.to_x0(pipe, sched, target, z, t)
+            )
+        raise ValueError(f"`loss_space` must be 'eps' or 'x0', got {space!r}.")
+
     # ------------------------------------------------------------------ description
     def describe(self, pipe) -> dict[str, Any]:
         """JSON-ready facts recorded in an edit's base info."""

@@ -98,7 +98,8 @@ class ESDLoss(LossFunction):
                 torch.cat([batch.z_t, batch.z_t]), torch.cat([batch.t, batch.t]), torch.cat([anchor, batch.cond_e])
             ).chunk(2)
         e_new = ctx.eps(batch.z_t, batch.t, batch.cond_e)
-        return StepOutput(loss=esd_loss(e_new, e_0, e_e, self.config.eta))
+        target = ctx.family.negative_guidance_target(e_0, e_e, self.config.eta)  # in the model's own space
+        return StepOutput(loss=F.mse_loss(e_new, target))
 
 
 @register(
