@@ -49,6 +49,8 @@ from typing import Literal
 import torch
 
 from erasekit.edit import Edit, EraseRequest
+from erasekit.families import family_of
+from erasekit.families.closed_forms import per_block_uce
 from erasekit.methods.base import register
 from erasekit.pipeline import base_info, cross_attention_modules, encode_prompts, last_token_index
 
@@ -98,7 +100,9 @@ class UCEConfig:
 
     def __post_init__(self) -> None:
         if self.lamb < 0 or self.erase_scale < 0 or (self.preserve_scale is not None and self.preserve_scale < 0):
-            raise ValueError("UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0 (`preserve_scale` may be None).")
+            raise ValueError(
+                "UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0 (`preserve_scale` may be None)."
+            )
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError(f"UCE `templates` must be non-empty and each contain '{{}}', got {self.templates}.")
         bad = set(self.projections) - {"to_k", "to_v"}
@@ -192,7 +196,9 @@ def closed_form_edit(
     which must then be a number) weights the preserve terms."""
     scale = config.preserve_scale if preserve_scale is None else preserve_scale
     if scale is None:
-        raise ValueError("`preserve_scale` is None (the authors' rule): resolve it with config.resolved_preserve_scale(n).")
+        raise ValueError(
+            "`preserve_scale` is None (the authors' rule): resolve it with config.resolved_preserve_scale(n)."
+        )
     out: dict[str, torch.Tensor] = {}
     for mod_name, attn in cross_attention_modules(pipe.unet).items():
         for proj in config.projections:
@@ -250,10 +256,16 @@ def erase_uce(pipe, request: EraseRequest, config: UCEConfig, *, generator=None,
     """Erase ``request.erase`` with UCE (RECE paper eq. 3; the module docstring says where the ``authors``
     preset departs from the paper); the pipeline is left unchanged."""
     erased, targets, preserved = uce_prompts(request, config)
-    c_in, c_tgt = aligned_token_embeddings(pipe, erased, targets, config.erase_positions)
-    c_pres = preserve_embeddings(pipe, preserved, config.preserve_positions, c_in.shape[1])
     scale = config.resolved_preserve_scale(len(preserved))
-    tensors = closed_form_edit(pipe, c_in, c_tgt, c_pres, config, preserve_scale=scale)
+    fam = family_of(pipe)
+    if not fam.shared_kv_inputs():  # SD3: each block's K/V read their own text stream (erasekit.families)
+        tensors = per_block_uce(
+            pipe, fam, erased, targets, preserved, config, preserve_scale=scale, solve=uce_closed_form
+        )
+    else:
+        c_in, c_tgt = aligned_token_embeddings(pipe, erased, targets, config.erase_positions)
+        c_pres = preserve_embeddings(pipe, preserved, config.preserve_positions, c_in.shape[1])
+        tensors = closed_form_edit(pipe, c_in, c_tgt, c_pres, config, preserve_scale=scale)
     return Edit(
         tensors=tensors,
         method="uce",
