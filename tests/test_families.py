@@ -269,3 +269,46 @@ def test_support_table_covers_every_registered_method():
     assert set(SUPPORT) == set(erasekit.available_methods())
     table = support_table()
     assert all(f"`{m}`" in table for m in SUPPORT) and table.count("\n") == len(SUPPORT) + 2
+
+
+# ------------------------------------------------------------------------------------ memory options
+def test_half_precision_weights_train_with_fp32_masters(tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    pipe = tiny_family_pipeline("sd1").to(dtype=torch.bfloat16)
+    run = tmp_path / "run"
+    edit = erasekit.erase(pipe, REQUEST, method="esd", progress=False, run_dir=str(run), lr=1e-3, **FT)
+    assert edit.trace["memory"]["fp32_master_weights"] is True
+    assert {v.dtype for v in edit.tensors.values()} == {torch.bfloat16}
+    ck = sorted((run / "checkpoints").iterdir())[-1]
+    masters = load_file(ck / "trainable.safetensors")
+    assert {v.dtype for v in masters.values()} == {torch.float32}
+    # the edit is the masters rounded to the model's dtype, and they moved
+    for n, v in masters.items():
+        assert torch.equal(edit.tensors[f"unet.{n}"], v.to(torch.bfloat16))
+    assert any(not torch.equal(v, pipe.unet.get_parameter(n).float()) for n, v in masters.items())
+
+
+def test_gradient_checkpointing_gives_the_same_edit(one_thread):
+    from erasekit.families.memory import set_memory_options
+
+    plain = erasekit.erase(tiny_family_pipeline("sdxl"), REQUEST, method="esd", progress=False, **FT)
+    pipe = tiny_family_pipeline("sdxl")
+    set_memory_options(pipe, gradient_checkpointing=True)
+    ckpt = erasekit.erase(pipe, REQUEST, method="esd", progress=False, **FT)
+    assert ckpt.trace["memory"]["gradient_checkpointing"] is True
+    for n, v in plain.tensors.items():
+        torch.testing.assert_close(ckpt.tensors[n], v, rtol=1e-5, atol=1e-6)
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error():
+    import importlib.util
+
+    from erasekit.families.memory import set_memory_options
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(ValueError, match="bitsandbytes"):
+        set_memory_options(tiny_family_pipeline("sd1"), optimizer="adam8bit")
+    with pytest.raises(ValueError, match="`optimizer`"):
+        set_memory_options(tiny_family_pipeline("sd1"), optimizer="sgd")

@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from erasekit.edit import Edit, EraseRequest
 from erasekit.families import family_of
+from erasekit.families.memory import MasterWeights, describe, make_optimizer, memory_options
 from erasekit.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from erasekit.methods.base import is_read
 from erasekit.pipeline import base_info
@@ -227,6 +228,7 @@ class FinetuneContext:
         self.dtype = next(self.denoiser.parameters()).dtype
         self.scheduler = self.family.train_scheduler(pipe, ddim_steps, self.device)
         self._embed_cache: dict[str, torch.Tensor] = {}
+        self.masters: MasterWeights | None = None  # fp32 masters of half-precision weights (families.memory)
 
     # -------------------------------------------------------------- model calls
     def eps(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -675,21 +677,31 @@ def finetune(
         "base_fingerprint": base.get("fingerprint"),
         "seed": seed,
     }
+    memory = memory_options(
+        pipe
+    )  # erasekit.families.memory: checkpointing, 8-bit Adam (recorded when it changes results)
+    if memory.identity():
+        identity["memory"] = memory.identity()
     digest = config_hash(identity)
     run_dir = Path(config.run_dir) if config.run_dir else None
     if run_dir is not None:
         _check_run_dir(run_dir, identity, digest, config.resume)
 
     ctx = FinetuneContext(pipe, config.train_method, ddim_steps=config.ddim_steps)
+    if memory.gradient_checkpointing:
+        ctx.unet.enable_gradient_checkpointing()
+    if loss_fn.train_unet and MasterWeights.needed(ctx.params):
+        ctx.masters = MasterWeights(ctx.params)
     loss_fn.setup(ctx)
-    groups = [{"params": list(ctx.params.values()), "lr": config.lr}] if loss_fn.train_unet else []
+    trained_unet = ctx.masters.masters if ctx.masters is not None else ctx.params
+    groups = [{"params": list(trained_unet.values()), "lr": config.lr}] if loss_fn.train_unet else []
     if not loss_fn.train_unet:
         for p in ctx.params.values():
             p.requires_grad_(False)
     groups += loss_fn.param_groups()
     if not groups:
         raise ValueError(f"{type(loss_fn).__name__} trains nothing: it keeps the UNet fixed and has no param_groups().")
-    opt = torch.optim.Adam(groups)
+    opt = make_optimizer(groups, memory)
     producer = make_producer(ctx, config, request.erase, seed)
     log: list[dict[str, Any]] = []
     start = 0
@@ -713,10 +725,13 @@ def finetune(
             batch = producer.batch(step)
             out = loss_fn.step(ctx, batch)
             trained = [p for group in opt.param_groups for p in group["params"]]
-            for p, grad in zip(trained, torch.autograd.grad(out.loss, trained, allow_unused=True), strict=True):
-                p.grad = grad
+            in_graph = [ctx.masters.graph_tensor(p) for p in trained] if ctx.masters is not None else trained
+            for p, grad in zip(trained, torch.autograd.grad(out.loss, in_graph, allow_unused=True), strict=True):
+                p.grad = grad if grad is None else grad.to(p.dtype)  # a half-precision gradient onto its fp32 master
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if ctx.masters is not None:
+                ctx.masters.sync_()
             with torch.no_grad():
                 loss_fn.after_step(ctx)
             logs = {"loss": float(out.loss.detach()), **out.logs}
@@ -747,6 +762,7 @@ def finetune(
         "n_parameters": int(sum(p.numel() for p in ctx.params.values())),
         "seed": seed,
         "zt_producer": producer.name,
+        "memory": describe(memory, ctx.masters),
         "config_hash": digest,
         "steps_this_call": config.steps - start,
         "seconds": round(seconds, 3),
@@ -855,7 +871,8 @@ def _save_checkpoint(
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_safetensors_atomic({n: p.detach() for n, p in ctx.params.items()}, tmp / "trainable.safetensors")
+    weights = ctx.masters.masters if ctx.masters is not None else ctx.params  # fp32 masters when training half weights
+    save_safetensors_atomic({n: p.detach() for n, p in weights.items()}, tmp / "trainable.safetensors")
     save_safetensors_atomic(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
     save_safetensors_atomic(loss_fn.state_tensors(), tmp / "method.safetensors")
     save_safetensors_atomic(producer.state_tensors(), tmp / PRODUCER_FILE)
@@ -886,6 +903,8 @@ def _load_latest_checkpoint(
         raise ValueError(f"Checkpoint {str(ck)!r} holds different parameters than this run trains; use a new run_dir.")
     for n, p in ctx.params.items():
         p.copy_(weights[n].to(p.device, p.dtype))
+    if ctx.masters is not None:
+        ctx.masters.load_(weights)
     loss_fn.load_state_tensors(load_file(ck / "method.safetensors"))
     _load_optimizer_tensors(opt, load_file(ck / "optimizer.safetensors"))
     state = json.loads((ck / "state.json").read_text())
