@@ -17,7 +17,9 @@ family is reduced to exactly what the closed forms read and write, at the publis
   (:meth:`~erasekit.families.sd3.SD3Adapter.kv_inputs`, one transformer forward per prompt batch in the
   real model) is replaced by deterministic random (77 + 256, 1536) matrices per prompt and block; the
   per-block UCE solve (:func:`erasekit.families.closed_forms.per_block_uce`) is the real code. RECE does not
-  apply to SD3 (erasekit.families.SUPPORT says why), so only UCE is timed.
+  apply to SD3 (erasekit.families.SUPPORT says why), so only UCE is timed. RECE runs ``--rece-epochs``
+(default 1, the ``authors-art`` setting; its default preset runs 3): each epoch adds one UCE solve and
+one eq. 8 derivation, so other epoch counts extrapolate linearly.
 
 So the figures are the closed forms' own cost at real sizes; add the text encoders (SDXL) or one
 transformer forward per 16 prompts (SD3) for a real model. Printed as a table and written to
@@ -134,11 +136,12 @@ def concepts(n: int) -> list[str]:
     return [f"concept number {i}" for i in range(n)]
 
 
-def time_sdxl(method: str, n: int) -> dict:
+def time_sdxl(method: str, n: int, rece_epochs: int) -> dict:
     pipe = FakeSDXL()
     request = EraseRequest(erase=concepts(n), preserve=["a photo", "a painting"])
+    opts = {"epochs": rece_epochs} if method == "rece" else {}
     t0 = time.perf_counter()
-    edit = erasekit.erase(pipe, request, method=method, progress=False)
+    edit = erasekit.erase(pipe, request, method=method, progress=False, **opts)
     return {"seconds": round(time.perf_counter() - t0, 3), "n_tensors": len(edit.tensors)}
 
 
@@ -177,7 +180,7 @@ def save(args: argparse.Namespace, rows: list[dict]) -> None:
             + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
             "settings": vars(args),
             "uce_config": "defaults (authors preset)",
-            "rece_config": "defaults (authors preset)",
+            "rece_config": f"authors preset defaults but epochs={args.rece_epochs}",
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
             "rows": rows,
         },
@@ -189,6 +192,9 @@ def main() -> None:
     ap.add_argument("--counts", default="1,10,100", help="numbers of erased concepts")
     ap.add_argument("--families", default="sd3,sdxl")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--rece-epochs", type=int, default=1, help="RECE epochs (each adds one UCE solve and one eq. 8 derivation)"
+    )
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,7 +205,7 @@ def main() -> None:
             methods = ("uce", "rece") if fam == "sdxl" else ("uce",)
             for m in methods:
                 load = os.getloadavg()[0]
-                res = time_sdxl(m, n) if fam == "sdxl" else time_sd3(n)
+                res = time_sdxl(m, n, args.rece_epochs) if fam == "sdxl" else time_sd3(n)
                 rows.append({"family": fam, "method": m, "concepts": n, **res, "load_avg_1m": round(load, 2)})
                 print(
                     f"{fam:5s} {m:5s} {n:4d} concepts: {res['seconds']:8.2f} s ({res['n_tensors']} tensors)", flush=True

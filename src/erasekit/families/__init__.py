@@ -28,7 +28,7 @@ SUPPORTED_TEXT = (
 )
 
 _NO_SHARED_EMBEDDING = (
-    "its text-stream K/V projections (add_k_proj/add_v_proj) read block-specific, timestep-modulated hidden "
+    "SD3's text-stream K/V projections (add_k_proj/add_v_proj) read block-specific, timestep-modulated hidden "
     "states, so there is no single text embedding that all of them read"
 )
 # method -> family -> None (applies) or the reason it does not.
