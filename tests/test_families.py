@@ -312,3 +312,13 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error():
         set_memory_options(tiny_family_pipeline("sd1"), optimizer="adam8bit")
     with pytest.raises(ValueError, match="`optimizer`"):
         set_memory_options(tiny_family_pipeline("sd1"), optimizer="sgd")
+
+
+def test_readme_family_table_matches_support():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for m, by in SUPPORT.items():
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{m}` | ") and line.count("|") == 7)
+        cells = [c.strip() for c in row.split("|")[2:6]]
+        assert cells == ["yes" if by[f] is None else "no" for f in FAMILIES], m
