@@ -322,3 +322,30 @@ def test_readme_family_table_matches_support():
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{m}` | ") and line.count("|") == 7)
         cells = [c.strip() for c in row.split("|")[2:6]]
         assert cells == ["yes" if by[f] is None else "no" for f in FAMILIES], m
+
+
+# ------------------------------------------------------------------------------------ attacks x families
+def _attack_cases():
+    from erasekit.families import ATTACK_SUPPORT
+
+    for a, by in ATTACK_SUPPORT.items():
+        for f in FAMILIES:
+            slow = a not in ("none", "paraphrase") or f == "sd1"  # sd1: tests/test_attacks.py
+            yield pytest.param(a, f, by[f], marks=[pytest.mark.slow] if slow and by[f] is None else [], id=f"{a}-{f}")
+
+
+@pytest.mark.parametrize(("attack", "family", "reason"), list(_attack_cases()))
+def test_attack_runs_or_refuses_on_family(attack, family, reason, pipes, tmp_path, one_thread):
+    from erasekit.attacks.base import run_attack
+
+    original = pipes[family]
+    edit = erasekit.erase(original, EraseRequest(["triangle"]), method="uce", progress=False)
+    edited = edit.apply_(tiny_family_pipeline(family))
+    kw = dict(sampling=SamplingConfig(steps=2), progress=False, out_dir=tmp_path / "attacks")
+    if reason is None:
+        result = run_attack(attack, edited, original, "triangle", ["a triangle"], **kw)
+        assert len(result.records) == 1
+    else:
+        with pytest.raises(FamilyError, match=rf"\({family}\)"):
+            run_attack(attack, edited, original, "triangle", ["a triangle"], **kw)
+        assert not (tmp_path / "attacks").exists()

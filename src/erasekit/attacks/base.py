@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from erasekit.eval.generate import SamplingConfig, generate_images, initial_latents
+from erasekit.families import check_attack
 from erasekit.io import atomic_path, save_safetensors_atomic, write_json_atomic
 from erasekit.pipeline import encode_prompts, fingerprint
 
@@ -453,6 +454,7 @@ def run_attack(
     weights is refused). Deterministic under ``seed``.
     """
     spec = get_attack(name)
+    check_attack(name, edited)  # an attack that does not run on the model's family: one clear error, nothing written
     if config is None:
         config = make_attack_config(name, **overrides)
     elif overrides:

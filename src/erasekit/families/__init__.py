@@ -71,6 +71,50 @@ SUPPORT: dict[str, dict[str, str | None]] = {
 }
 
 
+# attack -> family -> None (runs) or why not (erasekit.attacks.run_attack refuses with it)
+_ONE_ENCODER = "(not implemented for several text encoders)"
+ATTACK_SUPPORT: dict[str, dict[str, str | None]] = {
+    "none": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
+    "paraphrase": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
+    "inversion": {
+        "sd1": None,
+        "sd2": None,
+        "sdxl": "the inverted conditioning is a token sequence fed as prompt_embeds, but SDXL's UNet also reads a "
+        "pooled embedding that the inversion does not produce " + _ONE_ENCODER,
+        "sd3": "the inversion solves RECE eq. 8 on attn2 K/V or differentiates a UNet call; SD3 has joint attention "
+        "with block-specific inputs and a transformer " + _ONE_ENCODER,
+    },
+    "ringabell": {
+        "sd1": None,
+        "sd2": None,
+        "sdxl": "Ring-A-Bell's concept direction is computed with the one CLIP text encoder's token embeddings; SDXL "
+        "conditions on two encoders " + _ONE_ENCODER,
+        "sd3": "Ring-A-Bell's concept direction is computed with the one CLIP text encoder's token embeddings; SD3 "
+        "conditions on three encoders " + _ONE_ENCODER,
+    },
+    "unlearndiff": {
+        "sd1": None,
+        "sd2": None,
+        "sdxl": "UnlearnDiff optimises prompt tokens through a UNet call with text states only, without SDXL's pooled "
+        "embedding and time ids " + _ONE_ENCODER,
+        "sd3": "UnlearnDiff optimises prompt tokens through a UNet call; SD3's denoiser is a transformer "
+        + _ONE_ENCODER,
+    },
+}
+
+
+def check_attack(name: str, pipe) -> FamilyAdapter:
+    """Refuse attack ``name`` on ``pipe``'s family when it does not run there (naming family and reason)."""
+    fam = family_of(pipe)
+    reason = ATTACK_SUPPORT.get(name, {}).get(fam.name)
+    if reason is not None:
+        ok = [f for f, r in ATTACK_SUPPORT[name].items() if r is None]
+        raise FamilyError(
+            f"Attack {name!r} does not run on {fam.title} ({fam.name}): {reason}. It runs on: {', '.join(ok)}."
+        )
+    return fam
+
+
 def family_named(name: str) -> FamilyAdapter:
     """The adapter of family ``name`` (sd1, sd2, sdxl, sd3)."""
     if name not in FAMILIES:
@@ -136,10 +180,12 @@ def support_table() -> str:
 
 
 __all__ = [
+    "ATTACK_SUPPORT",
     "FAMILIES",
     "SUPPORT",
     "FamilyAdapter",
     "FamilyError",
+    "check_attack",
     "check_method",
     "family_for_class",
     "family_for_index",
