@@ -30,7 +30,11 @@ minimise at one step; the core does everything else:
    - ``trained``: a DDIM run per step with the model being trained, as the CompVis ESD script and the
      AP/AGE scripts sample (a departure from the papers' frozen sampler, for the ``authors`` presets).
 
-   Frozen passes that need no gradient run under :func:`torch.inference_mode`.
+   Frozen passes that need no gradient run under :func:`torch.inference_mode`. What "the UNet",
+   "the conditioning", the sampler and its grid are on SDXL (pooled embeddings, time ids) and SD3 (a
+   transformer, flow-matching Euler steps) comes from the pipeline's family adapter
+   (:mod:`erasekit.families`); half-precision weights train with fp32 masters
+   (:mod:`erasekit.families.memory`).
 4. **Determinism and exact resume.** All randomness of step ``s`` comes from a generator seeded by
    ``(seed, s)`` alone, so a run resumed from a checkpoint at step ``s`` draws exactly what the
    uninterrupted run drew. A checkpoint holds the trainable tensors, the optimizer's state, the
