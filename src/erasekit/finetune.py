@@ -681,9 +681,8 @@ def finetune(
         "base_fingerprint": base.get("fingerprint"),
         "seed": seed,
     }
-    memory = memory_options(
-        pipe
-    )  # erasekit.families.memory: checkpointing, 8-bit Adam (recorded when it changes results)
+    # erasekit.families.memory: checkpointing, 8-bit Adam (the latter is part of the run's identity)
+    memory = memory_options(pipe)
     if memory.identity():
         identity["memory"] = memory.identity()
     digest = config_hash(identity)

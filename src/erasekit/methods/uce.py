@@ -100,9 +100,7 @@ class UCEConfig:
 
     def __post_init__(self) -> None:
         if self.lamb < 0 or self.erase_scale < 0 or (self.preserve_scale is not None and self.preserve_scale < 0):
-            raise ValueError(
-                "UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0 (`preserve_scale` may be None)."
-            )
+            raise ValueError("UCE `lamb`, `erase_scale` and `preserve_scale` must be >= 0 (`preserve_scale` may be None).")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError(f"UCE `templates` must be non-empty and each contain '{{}}', got {self.templates}.")
         bad = set(self.projections) - {"to_k", "to_v"}
@@ -196,9 +194,7 @@ def closed_form_edit(
     which must then be a number) weights the preserve terms."""
     scale = config.preserve_scale if preserve_scale is None else preserve_scale
     if scale is None:
-        raise ValueError(
-            "`preserve_scale` is None (the authors' rule): resolve it with config.resolved_preserve_scale(n)."
-        )
+        raise ValueError("`preserve_scale` is None (the authors' rule): resolve it with config.resolved_preserve_scale(n).")
     out: dict[str, torch.Tensor] = {}
     for mod_name, attn in cross_attention_modules(pipe.unet).items():
         for proj in config.projections:
