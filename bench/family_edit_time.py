@@ -37,6 +37,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -102,6 +103,7 @@ class FakeSDXL:
         self.unet = sdxl_kv_tree()
         self.tokenizer = self.tokenizer_2 = load_clip_tokenizer(TOKENIZER_DIR)
         self.text_encoder_2 = _NoEncoder()
+        self.scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="epsilon"))
         self._erasekit_family = "sdxl"
         self.name_or_path = "sdxl-kv-shapes-random"
 
@@ -201,12 +203,13 @@ def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     rows = []
     for fam in args.families.split(","):
-        for n in counts:
-            methods = ("uce", "rece") if fam == "sdxl" else ("uce",)
-            for m in methods:
+        methods = ("uce", "rece") if fam == "sdxl" else ("uce",)
+        for m in methods:  # every UCE count first: a run cut short still has the whole UCE column
+            for n in counts:
                 load = os.getloadavg()[0]
                 res = time_sdxl(m, n, args.rece_epochs) if fam == "sdxl" else time_sd3(n)
                 rows.append({"family": fam, "method": m, "concepts": n, **res, "load_avg_1m": round(load, 2)})
+                save(args, rows)
                 print(
                     f"{fam:5s} {m:5s} {n:4d} concepts: {res['seconds']:8.2f} s ({res['n_tensors']} tensors)", flush=True
                 )
