@@ -58,7 +58,8 @@ def test_families_are_detected_and_recorded(pipes):
     assert {f: family_of(p).name for f, p in pipes.items()} == {f: f for f in FAMILIES}
     assert base_info(pipes["sd2"])["prediction_type"] == "v_prediction"
     assert base_info(pipes["sd3"])["prediction_type"] == "flow"
-    assert family_of(tiny_family_pipeline("sd2-eps")).prediction_type(tiny_family_pipeline("sd2-eps")) == "epsilon"
+    eps_pipe = tiny_family_pipeline("sd2-eps")
+    assert family_of(eps_pipe).name == "sd2" and family_of(eps_pipe).prediction_type(eps_pipe) == "epsilon"
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
