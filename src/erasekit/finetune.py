@@ -30,7 +30,11 @@ minimise at one step; the core does everything else:
    - ``trained``: a DDIM run per step with the model being trained, as the CompVis ESD script and the
      AP/AGE scripts sample (a departure from the papers' frozen sampler, for the ``authors`` presets).
 
-   Frozen passes that need no gradient run under :func:`torch.inference_mode`.
+   Frozen passes that need no gradient run under :func:`torch.inference_mode`. What "the UNet",
+   "the conditioning", the sampler and its grid are on SDXL (pooled embeddings, time ids) and SD3 (a
+   transformer, flow-matching Euler steps) comes from the pipeline's family adapter
+   (:mod:`erasekit.families`); half-precision weights train with fp32 masters
+   (:mod:`erasekit.families.memory`).
 4. **Determinism and exact resume.** All randomness of step ``s`` comes from a generator seeded by
    ``(seed, s)`` alone, so a run resumed from a checkpoint at step ``s`` draws exactly what the
    uninterrupted run drew. A checkpoint holds the trainable tensors, the optimizer's state, the
@@ -69,9 +73,11 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from erasekit.edit import Edit, EraseRequest
+from erasekit.families import family_of
+from erasekit.families.memory import MasterWeights, describe, make_optimizer, memory_options
 from erasekit.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from erasekit.methods.base import is_read
-from erasekit.pipeline import base_info, encode_prompts
+from erasekit.pipeline import base_info
 from erasekit.rundir import ResumableDir, RunDir, RunDirMismatch
 from erasekit.targets import select_parameters
 
@@ -225,35 +231,35 @@ class FinetuneContext:
     def __init__(
         self, pipe, train_method: str, *, ddim_steps: int = 50, lora_rank: int | None = None, seed: int = 0
     ) -> None:
-        from diffusers import DDIMScheduler
-
         self.pipe = pipe
-        self.target = resolve_target(train_method)
-        chosen = select_parameters(pipe.unet, self.target)
+        self.family = family_of(pipe)  # what conditioning, prediction and z_t sampling mean (erasekit.families)
+        self.denoiser = self.family.denoiser(pipe)  # the caller's UNet (or SD3 transformer), never written
+        self.target = self.family.train_target(train_method)
+        chosen = select_parameters(self.denoiser, self.target)
         self.lora_rank, self.lora_modules = lora_rank, []
         if lora_rank is None:
             self.originals: dict[str, torch.Tensor] = {n: p.detach() for n, p in chosen.items()}
-            self.unet = _structural_copy(pipe.unet, set(chosen))
+            self.unet = _structural_copy(self.denoiser, set(chosen))
             self.params: dict[str, torch.nn.Parameter] = {n: self.unet.get_parameter(n) for n in chosen}
         else:  # a rank-R LoRA on the chosen Linear layers (erasekit.lora_train); frozen original: lora_B = 0
             from erasekit import lora_train
 
-            self.lora_modules = lora_train.lora_modules(pipe.unet, chosen)
-            lora_train.check_rank_fits(pipe.unet, self.lora_modules, lora_rank, train_method)
-            self.unet = _structural_copy(pipe.unet, set())
+            self.lora_modules = lora_train.lora_modules(self.denoiser, chosen)
+            lora_train.check_rank_fits(self.denoiser, self.lora_modules, lora_rank, train_method)
+            self.unet = _structural_copy(self.denoiser, set())
             self.params = lora_train.inject_lora(self.unet, self.lora_modules, lora_rank, seed)
             self.originals = {n: torch.zeros_like(p) for n, p in self.params.items() if ".lora_B." in n}
         self.unet.train(False)  # the UNet has no dropout/BN by default; eval mode keeps any deterministic
-        self.device = next(pipe.unet.parameters()).device
-        self.dtype = next(pipe.unet.parameters()).dtype
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(ddim_steps, device=self.device)
+        self.device = next(self.denoiser.parameters()).device
+        self.dtype = next(self.denoiser.parameters()).dtype
+        self.scheduler = self.family.train_scheduler(pipe, ddim_steps, self.device)
         self._embed_cache: dict[str, torch.Tensor] = {}
+        self.masters: MasterWeights | None = None  # fp32 masters of half-precision weights (families.memory)
 
     # -------------------------------------------------------------- model calls
     def eps(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """eps_theta'(z_t, c, t) of the model being fine-tuned."""
-        return self.unet(z, t, encoder_hidden_states=cond).sample
+        return self.family.predict(self.pipe, self.unet, z, t, cond)
 
     def eps_frozen(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """eps_theta(z_t, c, t) of the original model (the caller's tensors, never trained).
@@ -265,16 +271,17 @@ class FinetuneContext:
         graph, no version counters, no parameter swap) and an ordinary tensor is returned.
         """
         if torch.is_grad_enabled() and (z.requires_grad or cond.requires_grad):
-            return functional_call(self.unet, self.originals, (z, t), {"encoder_hidden_states": cond}).sample
+            kwargs = self.family.model_kwargs(self.pipe, z, t, cond)
+            return functional_call(self.unet, self.originals, (), kwargs).sample
         with torch.inference_mode():  # read-only: the caller's own UNet holds exactly the original tensors
-            out = self.pipe.unet(z, t, encoder_hidden_states=cond).sample
+            out = self.family.predict(self.pipe, self.denoiser, z, t, cond)
         return out.clone()  # an inference tensor cannot be saved for backward (ESD's loss uses it as a target)
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text-encoder embeddings (B, 77, D) of ``prompts``, cached per prompt (the encoder is frozen)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
         if missing:
-            emb = encode_prompts(self.pipe, missing).to(self.device, self.dtype)
+            emb = self.family.encode_condition(self.pipe, missing).to(self.device, self.dtype)
             self._embed_cache.update(zip(missing, emb, strict=True))
         return torch.stack([self._embed_cache[p] for p in prompts])
 
@@ -285,15 +292,13 @@ class FinetuneContext:
             from erasekit.lora_train import merged_tensors
 
             return merged_tensors(self.unet, self.lora_modules)
-        return {f"unet.{n}": p.detach().clone() for n, p in self.params.items()}
+        return {f"{self.family.denoiser_name}.{n}": p.detach().clone() for n, p in self.params.items()}
 
     # -------------------------------------------------------------- z_t
     def initial_noise(self, b: int, generator: torch.Generator) -> torch.Tensor:
         """The DDIM run's starting latents (b, C, h, w): Gaussian noise from ``generator`` (drawn on the CPU,
         so a seed gives the same noise on every device) times the scheduler's ``init_noise_sigma``."""
-        cfg = self.pipe.unet.config
-        shape = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        return torch.randn(shape, generator=generator).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        return self.family.initial_noise(self.pipe, self.scheduler, b, generator, self.device, self.dtype)
 
     def ddim_latents(
         self,
@@ -348,7 +353,7 @@ class FinetuneContext:
                     eps_c.append(e_c)
                     if k == last:
                         break
-                new = self.scheduler.step(e_u + guidance * (e_c - e_u), t, z_a).prev_sample
+                new = self.family.scheduler_step(self.scheduler, e_u + guidance * (e_c - e_u), t, z_a)
                 z = new if full else z.index_copy(0, rows.to(z.device), new)
                 if keep_all:
                     seen.append(z)
@@ -763,6 +768,10 @@ def finetune(
         "base_fingerprint": base.get("fingerprint"),
         "seed": seed,
     }
+    # erasekit.families.memory: checkpointing, 8-bit Adam (the latter is part of the run's identity)
+    memory = memory_options(pipe)
+    if memory.identity():
+        identity["memory"] = memory.identity()
     digest = config_hash(identity)
     run_dir = Path(config.run_dir) if config.run_dir else None
     train_dir = run_dir / TRAIN_DIR if run_dir is not None else None
@@ -771,15 +780,20 @@ def finetune(
 
     lora_rank = getattr(config, "lora_rank", None)  # ESD/AP/AGE declare it (erasekit.lora_train)
     ctx = FinetuneContext(pipe, config.train_method, ddim_steps=config.ddim_steps, lora_rank=lora_rank, seed=seed)
+    if memory.gradient_checkpointing:
+        ctx.unet.enable_gradient_checkpointing()
+    if loss_fn.train_unet and MasterWeights.needed(ctx.params):
+        ctx.masters = MasterWeights(ctx.params)
     loss_fn.setup(ctx)
-    groups = [{"params": list(ctx.params.values()), "lr": config.lr}] if loss_fn.train_unet else []
+    trained_unet = ctx.masters.masters if ctx.masters is not None else ctx.params
+    groups = [{"params": list(trained_unet.values()), "lr": config.lr}] if loss_fn.train_unet else []
     if not loss_fn.train_unet:
         for p in ctx.params.values():
             p.requires_grad_(False)
     groups += loss_fn.param_groups()
     if not groups:
         raise ValueError(f"{type(loss_fn).__name__} trains nothing: it keeps the UNet fixed and has no param_groups().")
-    opt = torch.optim.Adam(groups)
+    opt = make_optimizer(groups, memory)
     producer = make_producer(ctx, config, request.erase, seed, frozen_eps=loss_fn.uses_frozen_eps)
     log: list[dict[str, Any]] = []
     start = 0
@@ -805,10 +819,13 @@ def finetune(
             batch = producer.batch(step)
             out = loss_fn.step(ctx, batch)
             trained = [p for group in opt.param_groups for p in group["params"]]
-            for p, grad in zip(trained, torch.autograd.grad(out.loss, trained, allow_unused=True), strict=True):
-                p.grad = grad
+            in_graph = [ctx.masters.graph_tensor(p) for p in trained] if ctx.masters is not None else trained
+            for p, grad in zip(trained, torch.autograd.grad(out.loss, in_graph, allow_unused=True), strict=True):
+                p.grad = grad if grad is None else grad.to(p.dtype)  # a half-precision gradient onto its fp32 master
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if ctx.masters is not None:
+                ctx.masters.sync_()
             with torch.no_grad():
                 loss_fn.after_step(ctx)
             logs = {"loss": float(out.loss.detach()), **out.logs}
@@ -839,6 +856,7 @@ def finetune(
         "n_parameters": int(sum(p.numel() for p in ctx.params.values())),
         "seed": seed,
         "zt_producer": producer.name,
+        "memory": describe(memory, ctx.masters),
         "config_hash": digest,
         "steps_this_call": config.steps - start,
         "seconds": round(seconds, 3),
@@ -951,7 +969,8 @@ def _save_checkpoint(
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_safetensors_atomic({n: p.detach() for n, p in ctx.params.items()}, tmp / "trainable.safetensors")
+    weights = ctx.masters.masters if ctx.masters is not None else ctx.params  # fp32 masters when training half weights
+    save_safetensors_atomic({n: p.detach() for n, p in weights.items()}, tmp / "trainable.safetensors")
     save_safetensors_atomic(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
     save_safetensors_atomic(loss_fn.state_tensors(), tmp / "method.safetensors")
     save_safetensors_atomic(producer.state_tensors(), tmp / PRODUCER_FILE)
@@ -982,6 +1001,8 @@ def _load_latest_checkpoint(
         raise ValueError(f"Checkpoint {str(ck)!r} holds different parameters than this run trains; use a new run_dir.")
     for n, p in ctx.params.items():
         p.copy_(weights[n].to(p.device, p.dtype))
+    if ctx.masters is not None:
+        ctx.masters.load_(weights)
     loss_fn.load_state_tensors(load_file(ck / "method.safetensors"))
     _load_optimizer_tensors(opt, load_file(ck / "optimizer.safetensors"))
     state = json.loads((ck / "state.json").read_text())

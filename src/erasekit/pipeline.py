@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from erasekit.families import family_for_index, family_of
+
 BUNDLED = {"shapes": Path(__file__).parent / "world" / "assets" / "shapes-sd"}
 _BASE_ATTR = "_erasekit_base"
 
@@ -32,12 +34,52 @@ def check_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"`device` {str(device)!r} is not a torch device; use e.g. cpu, cuda or cuda:1.") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"`device` {str(device)!r}: no CUDA device is available on this machine; use --device cpu.")
+            raise ValueError(
+                f"`device` {str(device)!r}: no CUDA device is available on this machine; use --device cpu."
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"`device` {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"`device` {str(device)!r}: MPS is not available on this machine; use --device cpu.")
     return dev
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(dtype: torch.dtype | None, device: torch.device) -> None:
+    """Refuse a weight ``dtype`` that ``device`` cannot run (before anything is loaded or written)."""
+    if dtype is None:
+        return
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"`dtype` {dtype} is not a weight dtype EraseKit runs; use float32, float16 or bfloat16.")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"`dtype` bfloat16: CUDA device {device} has no bfloat16 support (pre-Ampere GPU); use float16 or float32."
+        )
+    if dtype == torch.bfloat16 and device.type == "mps":
+        raise ValueError("`dtype` bfloat16 is not supported on MPS by every diffusers op; use float16 or float32.")
+
+
+def _read_index(name: str, revision: str | None) -> dict[str, Any] | None:
+    """The hub model's ``model_index.json`` (from the hub or the cache), or None when it cannot be read."""
+    try:
+        from diffusers import DiffusionPipeline
+
+        return dict(DiffusionPipeline.load_config(name, revision=revision))
+    except Exception:  # noqa: BLE001 - any failure here is reported by the load itself below
+        return None
+
+
+def _pipeline_class(family: str):
+    import diffusers
+
+    return getattr(
+        diffusers,
+        {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}[
+            family
+        ],
+    )
 
 
 def load_pipeline(
@@ -47,18 +89,21 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     revision: str | None = None,
 ):
-    """Load a ``StableDiffusionPipeline``: ``"shapes"`` (the bundled miniature), a local diffusers
-    folder, or a hub id (which needs the hub or a populated cache).
+    """Load a diffusers pipeline of a supported family: ``"shapes"`` (the bundled miniature), a local
+    diffusers folder, or a hub id (which needs the hub or a populated cache).
 
-    The pipeline remembers its base model (id, revision, weight fingerprint) so an
-    :class:`~erasekit.edit.Edit` is applied only to the model it was made from.
+    Families (:mod:`erasekit.families`): ``StableDiffusionPipeline`` (SD 1.x, SD 2.x with epsilon or
+    v-prediction), ``StableDiffusionXLPipeline`` and ``StableDiffusion3Pipeline``, recognised from
+    ``model_index.json``'s ``_class_name``; any other folder is refused with an error naming what it
+    is. The pipeline remembers its base model (id, revision, weight fingerprint, family and
+    prediction type) so an :class:`~erasekit.edit.Edit` is applied only to the model it was made from.
     """
-    from diffusers import StableDiffusionPipeline
-
     device = check_device(device)
+    check_dtype(dtype, device)
     name = str(name_or_path)
     # safetensors only: a pickled checkpoint can run code when it is loaded
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    sd_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     if name in BUNDLED:
@@ -68,28 +113,38 @@ def load_pipeline(
                 f"The bundled miniature model is missing at {path}. Reinstall erasekit, or rebuild it with "
                 "`erasekit world train`."
             )
-        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+        cls = _pipeline_class("sd1")
+        pipe = cls.from_pretrained(path, local_files_only=True, **kwargs, **sd_kwargs)
         model_id, local = name, path
     elif Path(name).expanduser().exists():
         path = Path(name).expanduser()
         if not path.is_dir() or not (path / "model_index.json").exists():
             raise ValueError(
-                f"`model` {name!r} is not a diffusers Stable Diffusion folder (no model_index.json in it). "
-                "Pass a folder written by `StableDiffusionPipeline.save_pretrained`, a hub id, or 'shapes'."
+                f"`model` {name!r} is not a diffusers pipeline folder (no model_index.json in it). "
+                "Pass a folder written by a diffusers pipeline's `save_pretrained`, a hub id, or 'shapes'."
             )
         index = json.loads((path / "model_index.json").read_text())
-        if "unet" not in index or "text_encoder" not in index:
+        family = family_for_index(index, what=f"`model` {name!r}")
+        need = {"sd1": ("unet", "text_encoder"), "sdxl": ("unet", "text_encoder_2"), "sd3": ("transformer",)}[family]
+        if any(k not in index for k in need):
             raise ValueError(
-                f"`model` {name!r} has a model_index.json but no unet/text_encoder: it is a "
-                f"{index.get('_class_name', 'unknown')} folder, not a Stable Diffusion pipeline."
+                f"`model` {name!r} says it is a {index.get('_class_name')} but its model_index.json has no "
+                f"{'/'.join(k for k in need if k not in index)}: the folder is incomplete."
             )
-        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+        cls = _pipeline_class(family)
+        # components saved as absent (e.g. SD3 without T5: [null, null]) are passed as None explicitly
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+        extra = {**(sd_kwargs if family == "sd1" else {}), **absent}
+        pipe = cls.from_pretrained(path, local_files_only=True, **kwargs, **extra)
         model_id = local = str(path.resolve())
     elif name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
         raise FileNotFoundError(f"`model` folder {name!r} does not exist. Check the path, or pass 'shapes'.")
     else:
+        index = _read_index(name, revision)
+        family = family_for_index(index, what=f"`model` {name!r}") if index is not None else "sd1"
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(name, revision=revision, **kwargs)
+            cls = _pipeline_class(family)
+            pipe = cls.from_pretrained(name, revision=revision, **kwargs, **(sd_kwargs if family == "sd1" else {}))
         except (OSError, ValueError) as e:
             raise OSError(
                 f"Could not load `model` {name!r} from the Hugging Face hub or its cache ({type(e).__name__}). "
@@ -98,10 +153,17 @@ def load_pipeline(
         model_id, local = name, None
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
+    fam = family_of(pipe)
     setattr(
         pipe,
         _BASE_ATTR,
-        {"id": model_id, "revision": revision, "path": str(local) if local else None, "fingerprint": fingerprint(pipe)},
+        {
+            "id": model_id,
+            "revision": revision,
+            "path": str(local) if local else None,
+            "fingerprint": fingerprint(pipe),
+            **fam.describe(pipe),
+        },
     )
     return pipe
 
@@ -110,16 +172,21 @@ def base_info(pipe) -> dict[str, Any]:
     """The base model a pipeline was loaded from: ``{"id", "revision", "fingerprint"}``."""
     info = getattr(pipe, _BASE_ATTR, None)
     if info is None:  # a pipeline built by hand: fingerprint it now
-        info = {"id": getattr(pipe, "name_or_path", None) or "unknown", "revision": None, "fingerprint": fingerprint(pipe)}
+        info = {
+            "id": getattr(pipe, "name_or_path", None) or "unknown",
+            "revision": None,
+            "fingerprint": fingerprint(pipe),
+            **family_of(pipe).describe(pipe),
+        }
         setattr(pipe, _BASE_ATTR, info)
     return info
 
 
 @torch.no_grad()
 def fingerprint(pipe) -> str:
-    """A short hash of the UNet and text-encoder weights (a strided sample of every tensor)."""
+    """A short hash of the denoiser and text-encoder weights (a strided sample of every tensor)."""
     h = hashlib.sha256()
-    for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+    for prefix, module in family_of(pipe).fingerprint_components(pipe):
         for name, p in sorted(module.state_dict().items()):
             flat = p.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 256)].float().cpu()
@@ -130,27 +197,29 @@ def fingerprint(pipe) -> str:
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], *, grad: bool = False) -> torch.Tensor:
-    """Text-encoder last hidden states for ``prompts``, padded to the tokenizer's max length: (B, 77, D)."""
-    tok = pipe.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    with torch.set_grad_enabled(grad):
-        return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+    """The text conditioning the K/V projections read, padded to the tokenizer's max length: (B, 77, D).
+
+    SD 1.x/2.x: the text encoder's last hidden state; SDXL: both encoders' penultimate states
+    concatenated (2048-d); SD3: the joint-attention context (see :mod:`erasekit.families`)."""
+    return family_of(pipe).encode_text(pipe, prompts, grad=grad)
 
 
 def last_token_index(pipe, prompts: list[str]) -> list[int]:
     """Index of each prompt's last word token (0, the start token, for an empty prompt)."""
-    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True)
+    tok = pipe.tokenizer(
+        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True
+    )
     return [int(sum(m)) - 2 for m in tok["attention_mask"]]
 
 
 def eps(unet, z_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
     """Noise prediction eps_theta(z_t, c, t), the seeds' notation."""
     return unet(z_t, t, encoder_hidden_states=cond).sample
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The pipeline's denoising network: ``pipe.unet`` (SD 1.x/2.x, SDXL) or ``pipe.transformer`` (SD3)."""
+    return family_of(pipe).denoiser(pipe)
 
 
 def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:

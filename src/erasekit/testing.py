@@ -87,6 +87,194 @@ def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
     return Path(directory)
 
 
+def _clip_config(hidden: int, *, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=hidden,
+        hidden_act=act,
+    )
+
+
+def _tiny_vae(image_size: int, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=image_size,
+        **extra,
+    )
+
+
+def tiny_sd2_pipeline(seed: int = 0, *, prediction_type: str = "v_prediction", image_size: int = 32):
+    """A random SD 2.x-shaped ``StableDiffusionPipeline``: GELU text encoder (OpenCLIP's activation),
+    linear-projection transformers, per-level head dims, and a DDIM scheduler with ``prediction_type``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from erasekit.world.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=8,
+    )
+    sched = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(image_size),
+        text_encoder=CLIPTextModel(_clip_config(32, act="gelu")),
+        tokenizer=load_clip_tokenizer(TOKENIZER_DIR),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0, *, image_size: int = 32):
+    """A random ``StableDiffusionXLPipeline``: two CLIP encoders (16 + 16 = 32-d context, 16-d pooled),
+    a ``text_time`` UNet with SDXL's block layout (no attention at the first level), Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from erasekit.world.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    tok = load_clip_tokenizer(TOKENIZER_DIR)
+    sched = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(image_size),
+        text_encoder=CLIPTextModel(_clip_config(16)),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(16, act="gelu")),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=sched,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0, *, image_size: int = 32, max_sequence_length: int = 256):
+    """A random ``StableDiffusion3Pipeline``: a 2-block MMDiT, two CLIP encoders (16 + 16 = 32-d,
+    pooled 32-d), no T5 (``text_encoder_3=None``: its tokens are zeros, as SD3 allows), flow-matching
+    Euler scheduler with SD3's shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from erasekit.world.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 2,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        out_channels=4,
+    )
+    tok = load_clip_tokenizer(TOKENIZER_DIR)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(image_size, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=CLIPTextModelWithProjection(_clip_config(16)),
+        tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(16, act="gelu")),
+        tokenizer_2=tok,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TINY_FAMILIES = {
+    "sd1": lambda seed=0: tiny_pipeline(seed),
+    "sd2": lambda seed=0: tiny_sd2_pipeline(seed),
+    "sd2-eps": lambda seed=0: tiny_sd2_pipeline(seed, prediction_type="epsilon"),
+    "sdxl": lambda seed=0: tiny_sdxl_pipeline(seed),
+    "sd3": lambda seed=0: tiny_sd3_pipeline(seed),
+}
+
+
+def tiny_family_pipeline(family: str, seed: int = 0):
+    """A tiny random pipeline of ``family`` (sd1, sd2 (v-prediction), sd2-eps, sdxl, sd3)."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"`family` must be one of {', '.join(TINY_FAMILIES)}, got {family!r}.")
+    return TINY_FAMILIES[family](seed)
+
+
+def save_tiny_family_pipeline(family: str, directory: str | Path, seed: int = 0) -> Path:
+    """Write :func:`tiny_family_pipeline` as a diffusers folder (what ``load_pipeline(path)`` reads)."""
+    tiny_family_pipeline(family, seed).save_pretrained(directory, safe_serialization=True)
+    return Path(directory)
+
+
 # A random miniature CLIP small enough for tests and smoke benchmarks (erasekit.world.clip.ClipRecipe fields).
 TINY_CLIP = dict(
     vision_hidden=16,

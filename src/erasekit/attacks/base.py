@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from erasekit.eval.generate import SamplingConfig, generate_images, initial_latents
+from erasekit.families import check_attack
 from erasekit.io import save_safetensors_atomic
 from erasekit.pipeline import encode_prompts, fingerprint
 from erasekit.rundir import ResumableDir
@@ -458,6 +459,7 @@ def run_attack(
     weights is refused). Deterministic under ``seed``.
     """
     spec = get_attack(name)
+    check_attack(name, edited)  # an attack that does not run on the model's family: one clear error, nothing written
     if config is None:
         config = make_attack_config(name, **overrides)
     elif overrides:

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from erasekit.io import read_jsonl
-from erasekit.pipeline import fingerprint
+from erasekit.pipeline import denoiser, fingerprint
 from erasekit.rundir import ResumableDir, RunDirMismatch
 
 INDEX = "index.jsonl"
@@ -89,7 +89,7 @@ class SamplingConfig:
 
 def sampling_defaults(pipe) -> dict[str, Any]:
     """The pipeline's sampling defaults: the miniature's ``erasekit_world.json``, else SD's 50 steps, 7.5."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = denoiser(pipe).config.sample_size * pipe.vae_scale_factor
     out = {"steps": 50, "guidance_scale": 7.5, "height": size, "width": size}
     root = getattr(pipe, "_erasekit_base", {}).get("path")
     if root and (Path(root) / "erasekit_world.json").exists():
@@ -100,9 +100,9 @@ def sampling_defaults(pipe) -> dict[str, Any]:
 
 def initial_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
     """(B, C, h, w) starting noise, each row from its own seed."""
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = (1, denoiser(pipe).config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     lat = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.cat(lat).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    return torch.cat(lat).to(device=denoiser(pipe).device, dtype=denoiser(pipe).dtype)
 
 
 @torch.no_grad()
@@ -129,7 +129,7 @@ def generate_images(
         if prompts is not None:
             kwargs["prompt"] = list(prompts[sl])
         else:
-            kwargs["prompt_embeds"] = prompt_embeds[sl].to(pipe.unet.device, pipe.unet.dtype)
+            kwargs["prompt_embeds"] = prompt_embeds[sl].to(denoiser(pipe).device, denoiser(pipe).dtype)
             kwargs["negative_prompt_embeds"] = None
         res = pipe(
             **kwargs,

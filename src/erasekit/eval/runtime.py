@@ -31,6 +31,8 @@ import torch
 from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+from erasekit.pipeline import denoiser
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -138,11 +140,12 @@ def make_scheduler(name: str, config: Any):
 
 def runtime_info(pipe) -> dict[str, Any]:
     """What a results file records about how the pipeline ran: dtype, device, attention processor."""
-    procs = getattr(pipe.unet, "attn_processors", {})
+    net = denoiser(pipe)  # the UNet, or SD3's transformer
+    procs = getattr(net, "attn_processors", {})
     kinds = sorted({type(p).__name__ for p in procs.values()})
     return {
-        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
-        "device": str(pipe.unet.device),
+        "dtype": str(net.dtype).removeprefix("torch."),
+        "device": str(net.device),
         "attention": kinds,
         "scheduler": type(pipe.scheduler).__name__,
     }

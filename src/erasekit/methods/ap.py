@@ -729,7 +729,10 @@ class SearchLoss(LossFunction):
     # -------------------------------------------------------------- pieces shared by AP and AGE
     def loss(self, ctx: FinetuneContext) -> PredictionLoss:
         """``(pred, target, z, t) -> scalar`` in the config's ``loss_space``."""
-        space, abar = self.config.loss_space, ctx.scheduler.alphas_cumprod
+        space, fam = self.config.loss_space, ctx.family
+        if fam.prediction_type(ctx.pipe) != "epsilon":  # v / flow velocity: "eps" = the model's own output space
+            return lambda pred, target, z, t: fam.prediction_loss(ctx.pipe, ctx.scheduler, pred, target, z, t, space)
+        abar = ctx.scheduler.alphas_cumprod
         return lambda pred, target, z, t: prediction_loss(pred, target, z, t, space=space, alphas_cumprod=abar)
 
     def sample(

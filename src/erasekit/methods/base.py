@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from erasekit.edit import Edit, EraseRequest, with_touched_digest
+from erasekit.families import check_method
 
 PAPER, AUTHORS = "paper", "authors"
 
@@ -213,6 +214,7 @@ def erase(
         raise ValueError(
             f"`config` for method {method!r} must be a {spec.config_class.__name__}, got {type(config).__name__}."
         )
+    check_method(method, pipe)  # a method that does not apply to the pipeline's family: one clear error
     edit = spec.fn(pipe, request, config, generator=generator, progress=progress)
     require_finite(edit)
     return with_touched_digest(record_preset(edit, config), pipe)

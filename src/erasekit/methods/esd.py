@@ -9,6 +9,13 @@ with ``c_0`` the empty prompt (or the request's anchor, when one is given), ``th
 original and ``z_t`` a partial DDIM run with guidance ``start_guidance`` on ``c_e`` (see
 :mod:`erasekit.finetune`). The loss is the mean squared error (ESD's ``nn.MSELoss``).
 
+**Other model families** (:mod:`erasekit.families`): the target is formed in the model's own output
+space, ``p(c_0) - eta (p(c_e) - p(c_0))`` with ``p`` = v (SD 2.x v-prediction) or the flow velocity
+(SD3). Every conversion from eps is affine at a fixed ``z_t`` (``v = (eps - sigma_t z_t) / alpha_t``;
+``u = (eps - z_t) / (1 - s)``) and the target's coefficients sum to 1, so this is exactly eq. 4's
+eps target converted; the loss is the MSE in that space (for v: the eps-space loss times
+``1 / alpha_t^2``). ``tests/test_families.py`` checks it against a hand computation.
+
 Variants by ``train_method``: ``xattn`` (ESD-x: cross-attention only, for styles and objects),
 ``noxattn`` (ESD-u: everything but cross-attention, time embedding and output layers, for nudity),
 ``full``. Hyperparameters: 1000 steps, Adam lr 1e-5, eta 1, start guidance 3, DDIM 50.
@@ -114,7 +121,8 @@ class ESDLoss(LossFunction):
                     torch.cat([batch.z_t, batch.z_t]), torch.cat([batch.t, batch.t]), torch.cat([anchor, batch.cond_e])
                 ).chunk(2)
         e_new = ctx.eps(batch.z_t, batch.t, batch.cond_e)
-        return StepOutput(loss=esd_loss(e_new, e_0, e_e, self.config.eta))
+        target = ctx.family.negative_guidance_target(e_0, e_e, self.config.eta)  # in the model's own space
+        return StepOutput(loss=F.mse_loss(e_new, target))
 
 
 @register(

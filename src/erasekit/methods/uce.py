@@ -50,6 +50,8 @@ from typing import Literal
 import torch
 
 from erasekit.edit import Edit, EraseRequest
+from erasekit.families import family_of
+from erasekit.families.closed_forms import per_block_uce
 from erasekit.methods.base import register
 from erasekit.methods.closed_form import PromptEmbeddings, shared_closed_form_edit
 from erasekit.pipeline import base_info, encode_prompts, last_token_index
@@ -252,11 +254,18 @@ def erase_uce(pipe, request: EraseRequest, config: UCEConfig, *, generator=None,
     preset departs from the paper); the pipeline is left unchanged."""
     t0, p0 = time.perf_counter(), time.process_time()
     erased, targets, preserved = uce_prompts(request, config)
-    table = PromptEmbeddings(pipe, erased + targets + preserved)  # each distinct prompt encoded once
-    c_in, c_tgt, c_pres = uce_embeddings(table, erased, targets, preserved, config)
-    t_text, p_text = time.perf_counter() - t0, time.process_time() - p0
     scale = config.resolved_preserve_scale(len(preserved))
-    tensors = closed_form_edit(pipe, c_in, c_tgt, c_pres, config, preserve_scale=scale)
+    fam = family_of(pipe)
+    if not fam.shared_kv_inputs():  # SD3: each block's K/V read their own text stream (erasekit.families)
+        t_text, p_text = 0.0, 0.0  # the per-block solve encodes inside; its time is all "closed_form"
+        tensors = per_block_uce(
+            pipe, fam, erased, targets, preserved, config, preserve_scale=scale, solve=uce_closed_form
+        )
+    else:
+        table = PromptEmbeddings(pipe, erased + targets + preserved)  # each distinct prompt encoded once
+        c_in, c_tgt, c_pres = uce_embeddings(table, erased, targets, preserved, config)
+        t_text, p_text = time.perf_counter() - t0, time.process_time() - p0
+        tensors = closed_form_edit(pipe, c_in, c_tgt, c_pres, config, preserve_scale=scale)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - p0
     return Edit(
         tensors=tensors,
