@@ -46,6 +46,8 @@ analyze_app = _App(
     help="An erasure's side effects: sensitivity spectrum, concept graph, model difference.", no_args_is_help=True
 )
 app.add_typer(analyze_app, name="analyze")
+from erasekit.study.cli import app as study_app  # noqa: E402 (the study sub-app; its commands import lazily)
+app.add_typer(study_app, name="study")
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="'shapes' (bundled miniature), a diffusers folder, or a hub id.")
