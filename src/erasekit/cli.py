@@ -47,6 +47,7 @@ analyze_app = _App(
 )
 app.add_typer(analyze_app, name="analyze")
 from erasekit.study.cli import app as study_app  # noqa: E402 (the study sub-app; its commands import lazily)
+
 app.add_typer(study_app, name="study")
 
 ModelOpt = Annotated[

@@ -39,7 +39,9 @@ def open_study(spec: StudySpec, directory: str | Path | None = None, *, force: b
                 "spec, another --dir, or --force (cells whose settings changed are redone, the others kept)."
             )
     d.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(meta_path, {"name": spec.name, "digest": spec.digest(), "spec": ident, "spec_path": str(spec.path)})
+    write_json_atomic(
+        meta_path, {"name": spec.name, "digest": spec.digest(), "spec": ident, "spec_path": str(spec.path)}
+    )
     return d
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ class RunDir:
             {
                 "layout": LAYOUT,
                 "identity": identity,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "erasekit": __version__,
                 "git": git_commit(),
                 "stages": [],
@@ -162,7 +162,7 @@ class RunDir:
         if status not in ("done", "failed"):
             raise ValueError(f"`status` must be 'done' or 'failed', got {status!r}.")
         meta = self.read_json(RUN_JSON)
-        rec = {"stage": stage, "status": status, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info}
+        rec = {"stage": stage, "status": status, "at": datetime.now(UTC).isoformat(timespec="seconds"), **info}
         meta.setdefault("stages", []).append(_canon(rec))
         self.write_json(RUN_JSON, meta)
 

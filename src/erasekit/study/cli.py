@@ -47,7 +47,8 @@ app = _StudyApp(
 
 SpecArg = Annotated[Path, typer.Argument(help="The study spec (TOML; see docs/studies.md).")]
 DirOpt = Annotated[
-    Path | None, typer.Option("--dir", help="The study folder (default: the spec's [study] dir, else runs/studies/NAME).")
+    Path | None,
+    typer.Option("--dir", help="The study folder (default: the spec's [study] dir, else runs/studies/NAME)."),
 ]
 
 
@@ -64,7 +65,9 @@ def run(
         typer.Option(help="Run each cell as a Ray task: 'auto' (a running cluster), 'local', or a cluster ADDRESS."),
     ] = None,
     gpus: Annotated[float, typer.Option(help="--ray: GPUs per cell.")] = 0.0,
-    force: Annotated[bool, typer.Option(help="Reuse a folder made from another spec (changed cells are redone).")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Reuse a folder made from another spec (changed cells are redone).")
+    ] = False,
     only: Annotated[str | None, typer.Option(help="Run only the cells whose key contains this text.")] = None,
     max_cells: Annotated[int | None, typer.Option(help="Stop after this many cells.")] = None,
 ) -> None:
@@ -72,7 +75,14 @@ def run(
     from erasekit.study.api import run_study
 
     out = run_study(
-        spec, directory, workers=workers, threads=threads, ray=ray, gpus_per_cell=gpus, force=force, only=only,
+        spec,
+        directory,
+        workers=workers,
+        threads=threads,
+        ray=ray,
+        gpus_per_cell=gpus,
+        force=force,
+        only=only,
         max_cells=max_cells,
     )
     failed = [r for r in out["ran"] if r["state"] == "failed"]

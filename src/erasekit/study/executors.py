@@ -84,9 +84,7 @@ def run_cells(
         else:
             per = threads or max(1, (os.cpu_count() or 1) // workers)
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futs = [
-                    pool.submit(_worker, str(spec.path), str(study_dir), c.key, per, force) for c in todo
-                ]
+                futs = [pool.submit(_worker, str(spec.path), str(study_dir), c.key, per, force) for c in todo]
                 for f in as_completed(futs):
                     done(f.result())
     finally:
@@ -107,7 +105,10 @@ def _run_ray(
         started = True
     try:
         task = ray_mod.remote(num_cpus=threads, num_gpus=gpus)(_worker)
-        refs = [task.remote(str(Path(spec.path).resolve()), str(Path(study_dir).resolve()), c.key, threads, force) for c in todo]
+        refs = [
+            task.remote(str(Path(spec.path).resolve()), str(Path(study_dir).resolve()), c.key, threads, force)
+            for c in todo
+        ]
         pending = list(refs)
         while pending:
             ready, pending = ray_mod.wait(pending, num_returns=1)

@@ -131,8 +131,8 @@ def _request(cell: Cell):
 def make_edit(env: Env, cell: Cell, rd: RunDir, **extra: Any) -> tuple[Any, Any]:
     """The cell's edit with the spec's preset and overrides plus ``extra``: ``(edit, recovery key or None)``."""
     import erasekit
-    from erasekit.methods.base import make_config, record_preset, require_finite
     from erasekit.edit import with_touched_digest
+    from erasekit.methods.base import make_config, record_preset, require_finite
 
     m = cell.method
     over = {**m.set, **extra}

@@ -54,7 +54,9 @@ def asr_bars(spec: StudySpec, study_dir: Path) -> bytes | None:
     if spec.attacks is None:
         return None
     rows = tidy(spec, study_dir)
-    concepts = [c.label for c in spec.concepts if any(r["concept"] == c.label and r["metric"].startswith("asr:") for r in rows)]
+    concepts = [
+        c.label for c in spec.concepts if any(r["concept"] == c.label and r["metric"].startswith("asr:") for r in rows)
+    ]
     if not concepts:
         return None
     names = ["pre_attack", *[f"asr:{a}" for a in spec.attacks.names]]

@@ -287,7 +287,7 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
     c.unknown(raw, ("study", "evaluation", "operating_point", "methods", "concepts", "attacks"), "study")
     # 1. [study]
     if "study" not in raw or not isinstance(raw["study"], dict):
-        raise SpecError(f"{path}:1: the spec has no [study] table. Fix: start it with [study] and name = \"...\".")
+        raise SpecError(f'{path}:1: the spec has no [study] table. Fix: start it with [study] and name = "...".')
     st = raw["study"]
     c.unknown(st, ("name", "model", "detector", "seeds", "dir"), "study")
     name = c.take(st, "name", str, "study", required=True, example='"table1"')
@@ -350,19 +350,33 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
     c.unknown(op_raw, tuple(OperatingPoint.__dataclass_fields__), "operating_point")
     rule = c.take(op_raw, "rule", str, "operating_point", required=True, example='"target"')
     if rule not in ("fixed", "target"):
-        c.fail(f"unknown rule {rule!r}", 'use rule = "fixed" (N steps) or rule = "target"', "operating_point", 0, "rule")
+        c.fail(
+            f"unknown rule {rule!r}", 'use rule = "fixed" (N steps) or rule = "target"', "operating_point", 0, "rule"
+        )
     opv: dict[str, Any] = {"rule": rule}
     if rule == "fixed":
         for k in ("metric", "target", "check_every", "max_steps"):
             if k in op_raw:
-                c.fail(f"`{k}` belongs to the target rule, not {rule!r}", f"remove `{k}` or set rule = \"target\"", "operating_point", 0, k)
+                c.fail(
+                    f"`{k}` belongs to the target rule, not {rule!r}",
+                    f'remove `{k}` or set rule = "target"',
+                    "operating_point",
+                    0,
+                    k,
+                )
         steps = c.take(op_raw, "steps", int, "operating_point", example="200")
         if steps is not None and steps < 1:
             c.fail(f"`steps` must be >= 1, got {steps}", "set steps >= 1", "operating_point", 0, "steps")
         opv["steps"] = steps
     else:
         if "steps" in op_raw:
-            c.fail("`steps` belongs to the fixed rule", "use max_steps (the cap) and check_every", "operating_point", 0, "steps")
+            c.fail(
+                "`steps` belongs to the fixed rule",
+                "use max_steps (the cap) and check_every",
+                "operating_point",
+                0,
+                "steps",
+            )
         metric = c.take(op_raw, "metric", str, "operating_point", default="esr_1", example='"esr_1"')
         if metric not in METRICS:
             c.fail(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}", "operating_point", 0, "metric")
@@ -372,9 +386,21 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
         every = c.take(op_raw, "check_every", int, "operating_point", required=True, example="100")
         cap = c.take(op_raw, "max_steps", int, "operating_point", required=True, example="1500")
         if every < 1 or cap < every:
-            c.fail(f"need 1 <= check_every <= max_steps, got {every} and {cap}", "fix the two values", "operating_point", 0, "check_every")
+            c.fail(
+                f"need 1 <= check_every <= max_steps, got {every} and {cap}",
+                "fix the two values",
+                "operating_point",
+                0,
+                "check_every",
+            )
         if evaluation is None:
-            c.fail("the target rule checks the metric on selection images, but there is no [evaluation]", 'add [evaluation] with protocol = "shapes-objects"', "operating_point", 0, "rule")
+            c.fail(
+                "the target rule checks the metric on selection images, but there is no [evaluation]",
+                'add [evaluation] with protocol = "shapes-objects"',
+                "operating_point",
+                0,
+                "rule",
+            )
         opv.update(metric=metric, target=float(target), check_every=every, max_steps=cap)
     op = OperatingPoint(**opv)
 
@@ -399,7 +425,9 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
         try:
             spec = get_method(mname)
         except ValueError as e:
-            c.fail(str(e).rstrip("."), "use a registered method (`erasekit methods`) or 'original'", "methods", i, "method")
+            c.fail(
+                str(e).rstrip("."), "use a registered method (`erasekit methods`) or 'original'", "methods", i, "method"
+            )
         try:
             resolve_preset(mname, preset)
         except ValueError as e:
@@ -420,7 +448,14 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
             make_config(mname, preset, **over)
         except (ValueError, TypeError) as e:
             bad = next((k for k in over if f"`{k}`" in str(e) or repr(k) in str(e) or f"'{k}'" in str(e)), None)
-            c.fail(str(e).rstrip("."), "fix or remove that option (`erasekit methods` lists them)", "methods", i, "set", bad)
+            c.fail(
+                str(e).rstrip("."),
+                "fix or remove that option (`erasekit methods` lists them)",
+                "methods",
+                i,
+                "set",
+                bad,
+            )
         s_opt, s_vals = None, ()
         if sweep is not None:
             if finetuned:
@@ -432,14 +467,29 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
                     "sweep",
                 )
             if rule != "target":
-                c.fail("`sweep` is used by the target rule only", 'remove `sweep` or set rule = "target"', "methods", i, "sweep")
+                c.fail(
+                    "`sweep` is used by the target rule only",
+                    'remove `sweep` or set rule = "target"',
+                    "methods",
+                    i,
+                    "sweep",
+                )
             c.unknown(sweep, ("option", "values"), "methods", i)
             s_opt = c.take(sweep, "option", str, "methods", i, required=True, example='"erase_scale"')
             s_vals = c.take(sweep, "values", list, "methods", i, required=True, example="[0.5, 1.0, 2.0]")
             if s_opt not in fields_:
-                c.fail(f"{mname!r} has no option {s_opt!r} to sweep", f"sweep one of {sorted(fields_)}", "methods", i, "sweep", "option")
+                c.fail(
+                    f"{mname!r} has no option {s_opt!r} to sweep",
+                    f"sweep one of {sorted(fields_)}",
+                    "methods",
+                    i,
+                    "sweep",
+                    "option",
+                )
             if not s_vals:
-                c.fail("`sweep.values` is empty", "give the values, weakest erasure first", "methods", i, "sweep", "values")
+                c.fail(
+                    "`sweep.values` is empty", "give the values, weakest erasure first", "methods", i, "sweep", "values"
+                )
             for v in s_vals:
                 try:
                     make_config(mname, preset, **{**over, s_opt: v})
@@ -459,7 +509,9 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
     labels = [m.label for m in methods]
     for i, lab in enumerate(labels):
         if labels.index(lab) != i:
-            c.fail(f"two methods have the label {lab!r}", "give each [[methods]] a distinct label", "methods", i, "label")
+            c.fail(
+                f"two methods have the label {lab!r}", "give each [[methods]] a distinct label", "methods", i, "label"
+            )
 
     # 5. [[concepts]]
     concepts_raw = raw.get("concepts")
@@ -475,14 +527,18 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
         c.unknown(cs, ("label", "erase", "preserve", "seeds"), "concepts", i)
         erase = c.take(cs, "erase", list, "concepts", i, required=True, example='["triangle"]')
         if not erase or not all(isinstance(x, str) and x.strip() for x in erase):
-            c.fail("`erase` must be a non-empty list of concept names", 'e.g. erase = ["triangle"]', "concepts", i, "erase")
+            c.fail(
+                "`erase` must be a non-empty list of concept names", 'e.g. erase = ["triangle"]', "concepts", i, "erase"
+            )
         label = c.take(cs, "label", str, "concepts", i, default="+".join(erase), example='"split0"')
         preserve = c.take(cs, "preserve", list, "concepts", i, example='["square"]')
         for key, words in (("erase", erase), ("preserve", preserve or [])):
             for w in words:
                 problem = _untokenizable(w, tokenizer, vocab)
                 if problem:
-                    c.fail(f"concept {w!r} in `{key}`: {problem}", "use a concept the base model knows", "concepts", i, key)
+                    c.fail(
+                        f"concept {w!r} in `{key}`: {problem}", "use a concept the base model knows", "concepts", i, key
+                    )
         if evaluation is not None:
             bad = [w for w in [*erase, *(preserve or [])] if w not in OBJECTS]
             if bad:
@@ -498,7 +554,13 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
     clabels = [x.label for x in concepts]
     for i, lab in enumerate(clabels):
         if clabels.index(lab) != i:
-            c.fail(f"two concept sets have the label {lab!r}", "give each [[concepts]] a distinct label", "concepts", i, "label")
+            c.fail(
+                f"two concept sets have the label {lab!r}",
+                "give each [[concepts]] a distinct label",
+                "concepts",
+                i,
+                "label",
+            )
 
     # 6. [attacks]
     attacks = None
@@ -517,24 +579,45 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
 
         for a, over in aset.items():
             if a not in names:
-                c.fail(f"`set` configures attack {a!r}, which is not in `names`", f"add {a!r} to names or remove it", "attacks", 0, "set", a)
+                c.fail(
+                    f"`set` configures attack {a!r}, which is not in `names`",
+                    f"add {a!r} to names or remove it",
+                    "attacks",
+                    0,
+                    "set",
+                    a,
+                )
             try:
                 make_attack_config(a, **over)
             except (ValueError, TypeError) as e:
                 c.fail(f"attack {a!r}: {e}".rstrip("."), "fix or remove that option", "attacks", 0, "set", a)
         for i, cs in enumerate(concepts):
             if len(cs.erase) != 1:
-                c.fail("attacks target one erased concept per cell", "give each [[concepts]] a single erase entry", "concepts", i, "erase")
+                c.fail(
+                    "attacks target one erased concept per cell",
+                    "give each [[concepts]] a single erase entry",
+                    "concepts",
+                    i,
+                    "erase",
+                )
         attacks = Attacks(tuple(names), n_prompts, n_images, {k: dict(v) for k, v in aset.items()})
     if evaluation is None and attacks is None:
         c.fail("the study measures nothing: no [evaluation] and no [attacks]", "add one of them", "study")
     return StudySpec(name, model, detector, tuple(methods), tuple(concepts), evaluation, op, attacks, path, study_dir)
 
 
-def _seeds(c: _Ctx, table: dict[str, Any], section: str, index: int | None, default: tuple[int, ...]) -> tuple[int, ...]:
+def _seeds(
+    c: _Ctx, table: dict[str, Any], section: str, index: int | None, default: tuple[int, ...]
+) -> tuple[int, ...]:
     seeds = c.take(table, "seeds", list, section, index, default=list(default), example="[0, 1, 2]")
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        c.fail(f"`seeds` must be a non-empty list of integers >= 0, got {seeds!r}", "e.g. seeds = [0, 1, 2]", section, index or 0, "seeds")
+        c.fail(
+            f"`seeds` must be a non-empty list of integers >= 0, got {seeds!r}",
+            "e.g. seeds = [0, 1, 2]",
+            section,
+            index or 0,
+            "seeds",
+        )
     if len(set(seeds)) != len(seeds):
         c.fail(f"`seeds` repeats a seed: {seeds!r}", "list each seed once", section, index or 0, "seeds")
     return tuple(seeds)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -217,7 +216,11 @@ def _where(ops: list[dict[str, Any]]) -> str:
     if steps:
         return "steps " + ", ".join(str(s) for s in steps)
     if values:
-        return ops[0].get("option", "value") + " " + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        return (
+            ops[0].get("option", "value")
+            + " "
+            + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        )
     return "-"
 
 
@@ -250,7 +253,9 @@ def timing(spec: StudySpec, study_dir: Path) -> str:
         s = {k: float(sum(r["seconds"].get(k, 0.0) for r in mres)) for k in keys}
         for k in keys:
             grand[k] += s[k]
-        lines.append(f"| {m} | {len(mres)} | " + " | ".join(f"{s[k]:.0f}" for k in keys) + f" | {sum(s.values()):.0f} |")
+        lines.append(
+            f"| {m} | {len(mres)} | " + " | ".join(f"{s[k]:.0f}" for k in keys) + f" | {sum(s.values()):.0f} |"
+        )
     tot = sum(grand.values())
     lines.append("| all | " + str(len(res)) + " | " + " | ".join(f"{grand[k]:.0f}" for k in keys) + f" | {tot:.0f} |")
     if tot > 0:
@@ -288,5 +293,3 @@ def write_tables(spec: StudySpec, study_dir: Path, out: Path) -> dict[str, Path]
     write_text_atomic(paths["timing"], timing(spec, study_dir))
     write_json_atomic(paths["curves"], curves(spec, study_dir))
     return paths
-
-
