@@ -73,9 +73,11 @@ def run_study(
         todo = todo[:max_cells]
     t0 = time.perf_counter()
 
-    def refresh(_: dict[str, Any]) -> None:
+    def refresh(_: dict[str, Any]) -> None:  # the tables after every cell (plots once, at the end)
         if tables:
-            write_outputs(spec, d)
+            from erasekit.study.tables import write_tables
+
+            write_tables(spec, d, d)
 
     ran = run_cells(
         spec,

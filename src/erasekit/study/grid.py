@@ -65,7 +65,7 @@ class Cell:
             "model": spec.model,
             "detector": spec.detector,
             "method": _asdict(self.method),
-            "concept": _asdict(self.concept) | {"seeds": None},
+            "concept": {k: v for k, v in _asdict(self.concept).items() if k != "methods"} | {"seeds": None},
             "seed": self.seed,
             "evaluation": ident["evaluation"],
             "operating_point": ident["operating_point"],
@@ -84,6 +84,8 @@ def cells(spec: StudySpec) -> list[Cell]:
     out = []
     for ci, concept in enumerate(spec.concepts):
         for mi, method in enumerate(spec.methods):
+            if concept.methods is not None and method.label not in concept.methods:
+                continue
             seeds = concept.seeds if seeded(method) else concept.seeds[:1]
             for si, seed in enumerate(seeds):
                 out.append(Cell(method, concept, seed, (si, ci, mi)))

@@ -39,6 +39,7 @@ Layout (every section but ``[study]``, ``[[methods]]`` and ``[[concepts]]`` is o
     erase = ["circle", "square"]
     preserve = ["star"]            # optional (default: every other object)
     seeds = [0, 1, 2]              # optional
+    methods = ["UCE"]              # optional: only these [[methods]] labels run on this set
 
     [attacks]                      # optional: run these attacks on every cell (one erased concept per set)
     names = ["inversion", "unlearndiff", "ringabell", "paraphrase"]
@@ -88,6 +89,7 @@ class ConceptEntry:
     erase: tuple[str, ...]
     preserve: tuple[str, ...] | None
     seeds: tuple[int, ...]
+    methods: tuple[str, ...] | None = None  # the method labels run on this set (None: all)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,9 @@ class StudySpec:
         d = asdict(self)
         d.pop("path")
         d.pop("dir")
+        for cs in d["concepts"]:  # only when set: specs without it keep their identity
+            if cs["methods"] is None:
+                del cs["methods"]
         return json.loads(json.dumps(d, sort_keys=True, default=str))
 
     def digest(self) -> str:
@@ -524,7 +529,7 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
 
     vocab = set(shapes_vocabulary()) if model in ("shapes", "tiny") else None
     for i, cs in enumerate(concepts_raw):
-        c.unknown(cs, ("label", "erase", "preserve", "seeds"), "concepts", i)
+        c.unknown(cs, ("label", "erase", "preserve", "seeds", "methods"), "concepts", i)
         erase = c.take(cs, "erase", list, "concepts", i, required=True, example='["triangle"]')
         if not erase or not all(isinstance(x, str) and x.strip() for x in erase):
             c.fail(
@@ -550,7 +555,25 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
                     "erase",
                 )
         cseeds = _seeds(c, cs, "concepts", i, seeds)
-        concepts.append(ConceptEntry(label, tuple(erase), tuple(preserve) if preserve is not None else None, cseeds))
+        only = c.take(cs, "methods", list, "concepts", i, example='["UCE", "ESD-x"]')
+        for lab in only or []:
+            if lab not in labels:
+                c.fail(
+                    f"`methods` names {lab!r}, which is no [[methods]] label",
+                    f"use labels from {labels}",
+                    "concepts",
+                    i,
+                    "methods",
+                )
+        concepts.append(
+            ConceptEntry(
+                label,
+                tuple(erase),
+                tuple(preserve) if preserve is not None else None,
+                cseeds,
+                tuple(only) if only is not None else None,
+            )
+        )
     clabels = [x.label for x in concepts]
     for i, lab in enumerate(clabels):
         if clabels.index(lab) != i:
