@@ -23,9 +23,9 @@ detector = "standin"
 seeds = [0, 1]
 
 [evaluation]
-n_per_class = 3
+n_per_class = 2
 test_seed = 0
-selection_n_per_class = 2
+selection_n_per_class = 1
 selection_seed = 1000
 sampling_steps = 2
 
@@ -82,6 +82,14 @@ def _tables(d: Path) -> tuple[str, str]:
     return (d / "results.csv").read_text(), (d / "table.md").read_text()
 
 
+def _seed0_rows(d: Path) -> list[str]:
+    """The tidy rows of the seed-0 cells (column 2 is the cell key)."""
+    return [r for r in (d / "results.csv").read_text().splitlines()[1:] if r.split(",")[1].endswith("seed0")]
+
+
+SEED0 = TINY.replace("seeds = [0, 1]", "seeds = [0]")  # the 4 seed-0 cells only
+
+
 def test_grid_order_and_cells(tmp_path):
     spec = load_spec(_spec(tmp_path))
     keys = [c.key for c in cells(spec)]
@@ -98,6 +106,7 @@ def test_run_twice_gives_identical_tables(reference, tmp_path):
     assert _tables(again["dir"]) == _tables(reference)
     rows = (reference / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 8 * 4  # header + 8 cells x (ESR-1/3, PSR-1/3)
+    assert {r.split(",")[1] for r in rows[1:]} == {c.key for c in cells(load_spec(spec))}
     # a third run in the same folder redoes nothing
     assert _run(spec, tmp_path / "again")["ran"] == []
     # the curve is recorded: one selection check per step until the target or the cap (2)
@@ -134,7 +143,8 @@ def test_interrupted_study_resumes_without_redoing_done_cells(reference, tmp_pat
     assert len(done_before) >= 1
     interrupted = ran[-1]
     assert interrupted not in done_before
-    checks_before = len((d / "cells" / interrupted / "curve.jsonl").read_text().splitlines())
+    curve_path = d / "cells" / interrupted / "curve.jsonl"
+    checks_before = len(curve_path.read_text().splitlines()) if curve_path.exists() else 0
 
     monkeypatch.setattr(operating, "selection_metrics", real_sel)
     ran.clear()
@@ -142,13 +152,13 @@ def test_interrupted_study_resumes_without_redoing_done_cells(reference, tmp_pat
     assert out["counts"] == {"done": 8}
     assert not set(ran) & done_before, "a finished cell was redone"
     assert interrupted in ran
-    curve = (d / "cells" / interrupted / "curve.jsonl").read_text().splitlines()
+    curve = curve_path.read_text().splitlines()
     assert len(curve) >= checks_before and len(set(curve)) == len(curve)  # no check recorded twice
     assert _tables(d) == _tables(reference)
 
 
 def test_failed_cell_is_reported_retried_and_isolated(reference, tmp_path, monkeypatch):
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, SEED0)
     d = tmp_path / "failing"
     real = operating.make_edit
 
@@ -159,7 +169,7 @@ def test_failed_cell_is_reported_retried_and_isolated(reference, tmp_path, monke
 
     monkeypatch.setattr(operating, "make_edit", flaky)
     out = _run(spec, d)
-    assert out["counts"] == {"done": 7, "failed": 1}
+    assert out["counts"] == {"done": 3, "failed": 1}
     st = {c["key"]: c for c in status(load_spec(spec), d)["cells"]}
     assert st["esd-u__sq__seed0"]["state"] == "failed"
     assert "simulated failure" in st["esd-u__sq__seed0"]["error"]
@@ -167,18 +177,18 @@ def test_failed_cell_is_reported_retried_and_isolated(reference, tmp_path, monke
     monkeypatch.setattr(operating, "make_edit", real)
     out = _run(spec, d)
     assert [r["key"] for r in out["ran"]] == ["esd-u__sq__seed0"]  # only the failed cell is retried
-    assert out["counts"] == {"done": 8}
-    assert _tables(d) == _tables(reference)
+    assert out["counts"] == {"done": 4}
+    assert _seed0_rows(d) == _seed0_rows(reference)
 
 
 def test_study_folder_of_another_spec_is_refused(reference, tmp_path):
     d = tmp_path / "other"
     shutil.copytree(reference, d)
-    changed = _spec(tmp_path, TINY.replace("target = 0.95", "target = 0.9"))
+    changed = _spec(tmp_path, SEED0.replace("target = 0.95", "target = 0.9"))
     with pytest.raises(ValueError, match=r"another spec.*operating_point\.target: 0\.95 -> 0\.9.*--force"):
         _run(changed, d)
     out = _run(changed, d, force=True)  # every cell's operating point changed: all redone
-    assert out["counts"] == {"done": 8} and len(out["ran"]) == 8
+    assert out["counts"] == {"done": 4} and len(out["ran"]) == 4
 
 
 def test_stop_at_chunks_equal_the_uninterrupted_run(tiny_pipe, tmp_path):
@@ -214,3 +224,24 @@ def test_ray_executor_gives_the_same_table(reference, tmp_path):
         ray.shutdown()
     assert out["counts"] == {"done": 8}, out["ran"]
     assert _tables(out["dir"]) == _tables(reference)
+
+
+def test_cli_status_table_plot(reference, tmp_path):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    spec = str(_spec(tmp_path))
+    runner = CliRunner()
+    res = runner.invoke(app, ["study", "status", spec, "--dir", str(reference)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("done ") == 8 and '{"done": 8}' in res.output
+    res = runner.invoke(app, ["study", "table", spec, "--dir", str(reference), "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert (
+        "| ESD-x |" in res.output
+        and (tmp_path / "t" / "results.csv").read_text() == (reference / "results.csv").read_text()
+    )
+    res = runner.invoke(app, ["study", "plot", spec, "--dir", str(reference), "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "t" / "esr_psr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

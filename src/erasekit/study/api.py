@@ -66,7 +66,7 @@ def run_study(
 
     spec = load_spec(spec_path)
     d = open_study(spec, directory, force=force)
-    todo = [c for c in cells(spec) if cell_status(d, c)["state"] != "done"]
+    todo = [c for c in cells(spec) if cell_status(d, c, spec)["state"] != "done"]
     if only:
         todo = [c for c in todo if only in c.key]
     if max_cells is not None:
@@ -99,7 +99,7 @@ def run_study(
 def status(spec: StudySpec, directory: str | Path | None = None) -> dict[str, Any]:
     """Every cell's state (done / failed with its error / started / todo) and the counts."""
     d = study_dir_for(spec, directory)
-    states = [cell_status(d, c) for c in cells(spec)]
+    states = [cell_status(d, c, spec) for c in cells(spec)]
     return {"dir": d, "cells": states, "counts": dict(Counter(s["state"] for s in states))}
 
 

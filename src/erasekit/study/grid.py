@@ -108,12 +108,17 @@ def open_cell(study_dir: Path, spec: StudySpec, cell: Cell, *, force: bool = Fal
         return RunDir.create(path, cell.identity(spec))
 
 
-def cell_status(study_dir: Path, cell: Cell) -> dict[str, Any]:
-    """``{"key", "state": "done"|"failed"|"running"|"todo", "error"?}`` from the cell's stages."""
+def cell_status(study_dir: Path, cell: Cell, spec: StudySpec | None = None) -> dict[str, Any]:
+    """``{"key", "state": "done"|"failed"|"started"|"todo"|"stale", "error"?}`` from the cell's stages;
+    with ``spec``, a cell folder made with other settings is ``stale`` (redone by ``run --force``)."""
+    import json
+
     path = cell_dir(study_dir, cell)
     if not (path / "run.json").exists():
         return {"key": cell.key, "state": "todo"}
     rd = RunDir.open(path)
+    if spec is not None and rd.identity != json.loads(json.dumps(cell.identity(spec), sort_keys=True, default=str)):
+        return {"key": cell.key, "state": "stale"}
     st = rd.stage(CELL_STAGE)
     if st is None:
         return {"key": cell.key, "state": "started", "checks": len(rd.records("curve.jsonl"))}

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from erasekit.study.cells import RunDir
+from erasekit.study.cells import RunDir, RunDirMismatch
 from erasekit.study.grid import CELL_STAGE, RESULT_JSON, Cell, finetuned, open_cell
 from erasekit.study.spec import StudySpec
 
@@ -283,7 +283,10 @@ def json_key(x: Any) -> str:
 def run_cell(spec: StudySpec, cell: Cell, study_dir: Path, *, force: bool = False) -> dict[str, Any]:
     """Run one cell to the end (skipped when done); a failure is recorded in the cell and returned, never
     raised (it must not stop the other cells). Returns ``{"key", "state", "error"?}``."""
-    rd = open_cell(study_dir, spec, cell, force=force)
+    try:
+        rd = open_cell(study_dir, spec, cell, force=force)
+    except RunDirMismatch as e:  # another spec's cell: reported, never overwritten without --force
+        return {"key": cell.key, "state": "failed", "error": str(e)}
     st = rd.stage(CELL_STAGE)
     if st is not None and st["status"] == "done":
         return {"key": cell.key, "state": "done", "skipped": True}

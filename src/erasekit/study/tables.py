@@ -16,7 +16,7 @@ from typing import Any
 
 from erasekit.io import write_json_atomic, write_text_atomic
 from erasekit.study.cells import RunDir
-from erasekit.study.grid import CELL_STAGE, RESULT_JSON, cell_dir, cells
+from erasekit.study.grid import RESULT_JSON, cell_dir, cell_status, cells
 from erasekit.study.spec import StudySpec
 from erasekit.study.stats import mean_interval
 
@@ -50,13 +50,8 @@ def results(spec: StudySpec, study_dir: Path) -> list[dict[str, Any]]:
     """The ``result.json`` of every done cell, in the grid's order."""
     out = []
     for c in cells(spec):
-        d = cell_dir(study_dir, c)
-        if not (d / "run.json").exists():
-            continue
-        rd = RunDir.open(d)
-        st = rd.stage(CELL_STAGE)
-        if st is not None and st["status"] == "done":
-            out.append(rd.read_json(RESULT_JSON))
+        if cell_status(study_dir, c, spec)["state"] == "done":  # not a stale cell of another spec
+            out.append(RunDir.open(cell_dir(study_dir, c)).read_json(RESULT_JSON))
     return out
 
 
@@ -227,11 +222,9 @@ def _where(ops: list[dict[str, Any]]) -> str:
 def _failed(spec: StudySpec, study_dir: Path) -> list[tuple[str, str]]:
     out = []
     for c in cells(spec):
-        d = cell_dir(study_dir, c)
-        if (d / "run.json").exists():
-            st = RunDir.open(d).stage(CELL_STAGE)
-            if st is not None and st["status"] == "failed":
-                out.append((c.key, st.get("error", "")))
+        st = cell_status(study_dir, c, spec)
+        if st["state"] == "failed":
+            out.append((c.key, st.get("error", "")))
     return out
 
 
@@ -268,7 +261,7 @@ def curves(spec: StudySpec, study_dir: Path) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for c in cells(spec):
         d = cell_dir(study_dir, c)
-        if (d / "run.json").exists():
+        if cell_status(study_dir, c, spec)["state"] not in ("todo", "stale"):
             recs = RunDir.open(d).records("curve.jsonl")
             if recs:
                 out[c.key] = [{**r, "method": c.method.label, "concept": c.concept.label, "seed": c.seed} for r in recs]
