@@ -186,3 +186,28 @@ def test_bootstrap_mean_interval():
     assert one["interval"] == "wilson" and one["ci95"] == list(wilson(8, 10))
     two = mean_interval([{"rate": 0.5, "successes": 1, "n": 2}, {"rate": 1.0, "successes": 2, "n": 2}])
     assert two["interval"] == "bootstrap" and two["mean"] == 0.75
+
+
+def test_documented_study_commands_and_flags_exist():
+    """Every `erasekit study ...` line of docs/studies.md names a real command and real flags."""
+    import shlex
+
+    import typer
+
+    from erasekit.cli import app
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "studies.md").read_text()
+    group = typer.main.get_command(app).commands["study"]
+    lines = [
+        ln.split("  #")[0].strip()
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+        for ln in block.splitlines()
+        if ln.strip().startswith("erasekit study ")
+    ]
+    assert len(lines) >= 5
+    for ln in lines:
+        args = shlex.split(ln)[2:]
+        cmd = group.commands[args[0]]
+        known = {s for p in cmd.params for s in (*p.opts, *p.secondary_opts)}
+        flags = {a.split("=")[0] for a in args if a.startswith("-")}
+        assert flags <= known, (ln, flags - known)
