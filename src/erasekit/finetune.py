@@ -142,7 +142,8 @@ class FinetuneConfig:
     resume: bool = run_field(False, "continue the run in run_dir from its latest checkpoint")
     keep_checkpoints: int = run_field(1, "how many of the latest checkpoints to keep")
     stop_at: int | None = run_field(
-        None, "stop after this many steps (a checkpoint is written there) and return that edit; resume towards `steps` later"
+        None,
+        "stop after this many steps (a checkpoint is written there) and return that edit; resume towards `steps` later",
     )
 
     def __post_init__(self) -> None:
@@ -736,9 +737,7 @@ def finetune(
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
             bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()})
             done = step + 1
-            if run_dir is not None and (
-                done == end or config.checkpoint_every and done % config.checkpoint_every == 0
-            ):
+            if run_dir is not None and (done == end or config.checkpoint_every and done % config.checkpoint_every == 0):
                 _save_checkpoint(run_dir, done, ctx, opt, loss_fn, producer, log, config.keep_checkpoints)
     finally:
         if log_file is not None:
