@@ -704,6 +704,8 @@ def finetune(
         start, log = _load_latest_checkpoint(run_dir, ctx, opt, loss_fn, producer)
     t0 = time.time()  # the producer's first batch is part of the run's time
     end = config.steps if config.stop_at is None else config.stop_at  # stop_at: same run, cut short (resumable)
+    if start > end:
+        raise ValueError(f"`run_dir`'s latest checkpoint is at step {start}, past stop_at={end}; raise stop_at.")
     if start < end:
         producer.prepare(start)  # e.g. the first pool: a batch too large for memory fails before anything is written
     if run_dir is not None:
