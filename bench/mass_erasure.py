@@ -2,7 +2,7 @@
 
 Two tasks, every method given the same request:
 
-- the 4 splits of bench/table1.py (erase 5 objects, ``preserve`` = the other 5), ESR-1/3 over the
+- the 4 splits of bench/studies/table1.toml (erase 5 objects, ``preserve`` = the other 5), ESR-1/3 over the
   erased objects and PSR-1/3 over the kept ones from the ``shapes-objects`` protocol;
 - ``all16``: all 10 objects + the unsafe motif ("fire") + the 5 artists at once, ``preserve`` =
   the 6 colours and 4 backgrounds (the neutral attributes). Each kind of concept is evaluated with
@@ -22,7 +22,7 @@ Two tasks, every method given the same request:
   prompts (each names a colour). Results of this task go to ``--out``/all16/ (the cells of the
   splits, and the object-only all16 cells of session 4, stay in ``--out``/results.json).
 
-Unlike bench/table1.py (whose UCE/RECE rows pass no ``preserve``), the closed forms here get the
+Unlike the former bench/table1.py (whose UCE/RECE rows pass no ``preserve``), the closed forms here get the
 kept concepts as their preserve/retain set, so the comparison is what each method does with the
 same information. Methods run with their default presets; the closed forms' erase time is wall
 time on the CPU, the evaluation (50 images per object, the miniature's 20 DDIM steps) dominates.
@@ -36,7 +36,6 @@ time on the CPU, the evaluation (50 images per object, the miniature's 20 DDIM s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from contextlib import nullcontext
@@ -53,12 +52,12 @@ from erasekit.eval.generate import SamplingConfig, generate_images
 from erasekit.eval.metrics import _in_topk
 from erasekit.eval.protocols import evaluate
 from erasekit.io import write_json_atomic, write_text_atomic
+from erasekit.study.operating import StandinDetector
+from erasekit.study.spec import load_spec
 from erasekit.world.shapes import ARTISTS, BACKGROUNDS, COLOURS, OBJECTS, STYLE_NAMES, STYLES, UNSAFE, UNSAFE_PHRASINGS
 
-_spec = importlib.util.spec_from_file_location("table1", Path(__file__).with_name("table1.py"))
-table1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(table1)  # type: ignore[union-attr]
-SPLITS = table1.SPLITS
+# the 4 splits of the Table 1 study (bench/studies/table1.toml, which replaced bench/table1.py)
+SPLITS = [list(c.erase) for c in load_spec(Path(__file__).parent / "studies" / "table1.toml", check_model=False).concepts]
 
 ROWS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "original": (None, {}),
@@ -207,10 +206,14 @@ def run_cell(pipe, row: str, task: str, args, detector, sampling) -> dict[str, A
     return cell
 
 
-class SmokeDetector16(table1.SmokeDetector):
-    """table1's stand-in detector with the style and unsafe heads too (``--tiny`` only)."""
+class SmokeDetector16(StandinDetector):
+    """The study's stand-in detector with a style head too (``--tiny`` only)."""
 
-    heads = {**table1.SmokeDetector.heads, "style": list(STYLE_NAMES), "unsafe": ["safe", "unsafe"]}
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = {**self.heads, "style": list(STYLE_NAMES)}
+        g = np.random.default_rng(1)
+        self.w = {h: g.normal(size=(3, len(c))) * 8 for h, c in self.heads.items()}
 
 
 def _fmt(vals: list[float]) -> str:
@@ -220,7 +223,7 @@ def _fmt(vals: list[float]) -> str:
 def summarise(results: dict[str, Any]) -> str:
     """Two markdown tables: the 4 splits (mean ± std) and the 16-concept task."""
     lines = [
-        "### 5 erased / 5 kept objects (4 splits of bench/table1.py; mean ± std)",
+        "### 5 erased / 5 kept objects (4 splits of bench/studies/table1.toml; mean ± std)",
         "",
         "| Method | ESR-1 | ESR-3 | PSR-1 | PSR-3 | erase time (s) | splits |",
         "|---|---|---|---|---|---|---|",

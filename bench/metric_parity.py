@@ -222,9 +222,9 @@ def lpips_parity(n: int = 24, seed: int = 0) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- CLIP
 def tiny_clip(seed: int = 0):
     """A tiny random transformers CLIPModel at 32x32 with the real CLIP tokenizer, and its processor."""
+    from erasekit.analysis.clip_score import load_image_processor
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-    from erasekit.analysis.clip_score import load_image_processor
     from erasekit.testing import TOKENIZER_DIR
     from erasekit.world.tokenizer import load_clip_tokenizer
 
@@ -302,9 +302,8 @@ class TensorFeatures(torch.nn.Module):
 
 def shapes_clip():
     """The miniature's trained CLIP (bundled, offline): model, tokenizer, image processor, processor."""
-    from transformers import CLIPProcessor
-
     from erasekit.analysis.clip_score import ClipScorer
+    from transformers import CLIPProcessor
 
     sc = ClipScorer.from_pretrained("shapes")
     return (
@@ -318,10 +317,10 @@ def shapes_clip():
 def clip_parity(n: int = 24, seed: int = 0, clip: str = "tiny-random") -> dict[str, Any]:
     """Our CLIP score vs torchmetrics' CLIPScore with the same CLIP (``tiny-random`` or the miniature's
     trained ``shapes`` CLIP), per image and as metrics."""
+    from erasekit.analysis.clip_score import ClipScorer
     from torchmetrics.functional.multimodal.clip_score import _clip_score_update
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    from erasekit.analysis.clip_score import ClipScorer
     from erasekit.world.shapes import make_dataset
 
     model, tok, improc, processor = tiny_clip(seed) if clip == "tiny-random" else shapes_clip()

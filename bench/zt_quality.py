@@ -181,12 +181,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _smoke_detector():
-    import sys
+    from erasekit.study.operating import StandinDetector  # bench/table1.py's SmokeDetector, now in the study
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from table1 import SmokeDetector
-
-    return SmokeDetector()
+    return StandinDetector()
 
 
 if __name__ == "__main__":

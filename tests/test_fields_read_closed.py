@@ -64,6 +64,7 @@ FINETUNE_PROBES = {
     "zt_producer": "exact",  # the default (authors) is "trained"; hide's default is "exact" (see below)
     "concepts_per_step": 2,
     "seed": 1,
+    "stop_at": 2,  # a run cut short at step 2 of FAST's 3 (resumable; erasekit.study trains in chunks with it)
 }
 FINETUNED_PROBES = {
     "esd": {**FINETUNE_PROBES, "eta": 2.0, "lora_rank": 2},

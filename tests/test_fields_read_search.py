@@ -52,6 +52,7 @@ COMMON: dict[str, tuple[dict[str, Any], Any]] = {
     "zt_pool_size": ({**BASE, "zt_producer": "pooled", "steps": 8}, 1),  # 8 steps need more than 1 trajectory
     "concepts_per_step": (BASE, 2),
     "seed": (BASE, 1),
+    "stop_at": (BASE, 1),  # cut short at step 1 of 2 (erasekit.study's chunks)
     "lam": (BASE, 0.5),
     "search": (BASE, "pgd"),
     "vocabulary": (SOFT, VOCAB_FILE),

@@ -151,6 +151,10 @@ class FinetuneConfig:
     checkpoint_every: int = run_field(100, "write a checkpoint every N steps (needs run_dir)")
     resume: bool = run_field(False, "continue the run in run_dir from its latest checkpoint")
     keep_checkpoints: int = run_field(1, "how many of the latest checkpoints to keep")
+    stop_at: int | None = run_field(
+        None,
+        "stop after this many steps (a checkpoint is written there) and return that edit; resume towards `steps` later",
+    )
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -173,6 +177,8 @@ class FinetuneConfig:
             raise ValueError("`checkpoint_every` must be >= 0 and `keep_checkpoints` >= 1.")
         if self.resume and self.run_dir is None:
             raise ValueError("`resume=True` needs `run_dir`: the directory of the run to continue.")
+        if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
+            raise ValueError(f"`stop_at` must be in 1..steps ({self.steps}), got {self.stop_at}.")
         target = resolve_target(self.train_method)
         if target not in ("xattn", "kv", "noxattn", "full"):
             try:
@@ -800,7 +806,10 @@ def finetune(
     if run_dir is not None and config.resume:
         start, log = _load_latest_checkpoint(run_dir, ctx, opt, loss_fn, producer)
     t0 = time.time()  # the producer's first batch is part of the run's time
-    if start < config.steps:
+    end = config.steps if config.stop_at is None else config.stop_at  # stop_at: same run, cut short (resumable)
+    if start > end:
+        raise ValueError(f"`run_dir`'s latest checkpoint is at step {start}, past stop_at={end}; raise stop_at.")
+    if start < end:
         producer.prepare(start)  # e.g. the first pool: a batch too large for memory fails before anything is written
     if train_dir is not None:
         if not RunDir.is_run(run_dir):  # called from the API: the run directory is made here
@@ -812,7 +821,7 @@ def finetune(
 
     # 1. The loop: the producer's concepts and z_t, the method's loss, one optimizer step.
     running: dict[str, float] = {}
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=method, disable=not progress)
+    bar = tqdm(range(start, end), initial=start, total=config.steps, desc=method, disable=not progress)
     log_file = open(train_dir / LOG_JSONL, "a", encoding="utf-8") if train_dir is not None else None  # noqa: SIM115
     try:
         for step in bar:
@@ -838,9 +847,7 @@ def finetune(
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
             bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()})
             done = step + 1
-            if run_dir is not None and (
-                done == config.steps or config.checkpoint_every and done % config.checkpoint_every == 0
-            ):
+            if run_dir is not None and (done == end or config.checkpoint_every and done % config.checkpoint_every == 0):
                 _save_checkpoint(run_dir, done, ctx, opt, loss_fn, producer, log, config.keep_checkpoints)
     finally:
         if log_file is not None:
@@ -858,9 +865,9 @@ def finetune(
         "zt_producer": producer.name,
         "memory": describe(memory, ctx.masters),
         "config_hash": digest,
-        "steps_this_call": config.steps - start,
+        "steps_this_call": max(0, end - start),
         "seconds": round(seconds, 3),
-        "seconds_per_step": round(seconds / max(1, config.steps - start), 5),
+        "seconds_per_step": round(seconds / max(1, end - start), 5),
         "log": log,
         **loss_fn.trace(),
     }

@@ -1,0 +1,247 @@
+"""erasekit.study: a tiny study (2 methods x 2 concept sets x 2 seeds on the random tiny pipeline, a
+stand-in detector, 2 sampler steps) run twice, interrupted, with a failing cell, and on Ray."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import erasekit.study.operating as operating
+from erasekit.study import load_spec, run_study, status
+from erasekit.study.grid import cells
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = """\
+[study]
+name = "tiny"
+model = "tiny"
+detector = "standin"
+seeds = [0, 1]
+
+[evaluation]
+n_per_class = 2
+test_seed = 0
+selection_n_per_class = 1
+selection_seed = 1000
+sampling_steps = 2
+
+[operating_point]
+rule = "target"
+metric = "esr_1"
+target = 0.95
+check_every = 1
+max_steps = 2
+
+[[methods]]
+label = "ESD-x"
+method = "esd"
+preset = "paper"
+set = { ddim_steps = 2, lr = 5e-2 }
+
+[[methods]]
+label = "ESD-u"
+method = "esd"
+preset = "paper"
+set = { ddim_steps = 2, lr = 5e-2, train_method = "noxattn" }
+
+[[concepts]]
+label = "tri"
+erase = ["triangle"]
+
+[[concepts]]
+label = "sq"
+erase = ["square"]
+"""
+
+
+def _spec(tmp_path: Path, text: str = TINY, name: str = "tiny.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _run(spec: Path, d: Path, **kw):
+    return run_study(spec, d, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted tiny study: its folder."""
+    tmp = tmp_path_factory.mktemp("study-ref")
+    spec = _spec(tmp)
+    out = _run(spec, tmp / "ref")
+    assert out["counts"] == {"done": 8}, out
+    return tmp / "ref"
+
+
+def _tables(d: Path) -> tuple[str, str]:
+    return (d / "results.csv").read_text(), (d / "table.md").read_text()
+
+
+def _seed0_rows(d: Path) -> list[str]:
+    """The tidy rows of the seed-0 cells (column 2 is the cell key)."""
+    return [r for r in (d / "results.csv").read_text().splitlines()[1:] if r.split(",")[1].endswith("seed0")]
+
+
+SEED0 = TINY.replace("seeds = [0, 1]", "seeds = [0]")  # the 4 seed-0 cells only
+
+
+def test_grid_order_and_cells(tmp_path):
+    spec = load_spec(_spec(tmp_path))
+    keys = [c.key for c in cells(spec)]
+    assert len(keys) == 8  # 2 methods x 2 concept sets x 2 seeds
+    # split 0 / seed 0 of every method first, further seeds last
+    assert keys[:4] == ["esd-x__tri__seed0", "esd-u__tri__seed0", "esd-x__sq__seed0", "esd-u__sq__seed0"]
+    assert all(k.endswith("seed1") for k in keys[4:])
+
+
+def test_run_twice_gives_identical_tables(reference, tmp_path):
+    spec = _spec(tmp_path)
+    again = _run(spec, tmp_path / "again")
+    assert again["counts"] == {"done": 8}
+    assert _tables(again["dir"]) == _tables(reference)
+    rows = (reference / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 8 * 4  # header + 8 cells x (ESR-1/3, PSR-1/3)
+    assert {r.split(",")[1] for r in rows[1:]} == {c.key for c in cells(load_spec(spec))}
+    # a third run in the same folder redoes nothing
+    assert _run(spec, tmp_path / "again")["ran"] == []
+    # the curve is recorded: one selection check per step until the target or the cap (2)
+    curve = (reference / "cells" / "esd-x__tri__seed0" / "curve.jsonl").read_text().splitlines()
+    assert 1 <= len(curve) <= 2
+
+
+class _Interrupt(BaseException):
+    """Stands for a kill: not an Exception, so no cell catches it."""
+
+
+def test_interrupted_study_resumes_without_redoing_done_cells(reference, tmp_path, monkeypatch):
+    spec = _spec(tmp_path)
+    d = tmp_path / "killed"
+    real_sel, real_run = operating.selection_metrics, operating._run
+    calls = {"sel": 0}
+    ran: list[str] = []
+
+    def dying_selection(env, cell, edit):
+        calls["sel"] += 1
+        if calls["sel"] == 5:  # in the middle of the third cell, after its first chunk was checkpointed
+            raise _Interrupt
+        return real_sel(env, cell, edit)
+
+    def logging_run(spec_, cell, rd):
+        ran.append(cell.key)
+        return real_run(spec_, cell, rd)
+
+    monkeypatch.setattr(operating, "selection_metrics", dying_selection)
+    monkeypatch.setattr(operating, "_run", logging_run)
+    with pytest.raises(_Interrupt):
+        _run(spec, d)
+    done_before = {c["key"] for c in status(load_spec(spec), d)["cells"] if c["state"] == "done"}
+    assert len(done_before) >= 1
+    interrupted = ran[-1]
+    assert interrupted not in done_before
+    curve_path = d / "cells" / interrupted / "curve.jsonl"
+    checks_before = len(curve_path.read_text().splitlines()) if curve_path.exists() else 0
+
+    monkeypatch.setattr(operating, "selection_metrics", real_sel)
+    ran.clear()
+    out = _run(spec, d)
+    assert out["counts"] == {"done": 8}
+    assert not set(ran) & done_before, "a finished cell was redone"
+    assert interrupted in ran
+    curve = curve_path.read_text().splitlines()
+    assert len(curve) >= checks_before and len(set(curve)) == len(curve)  # no check recorded twice
+    assert _tables(d) == _tables(reference)
+
+
+def test_failed_cell_is_reported_retried_and_isolated(reference, tmp_path, monkeypatch):
+    spec = _spec(tmp_path, SEED0)
+    d = tmp_path / "failing"
+    real = operating.make_edit
+
+    def flaky(env, cell, rd, **extra):
+        if cell.key == "esd-u__sq__seed0":
+            raise ValueError("simulated failure")
+        return real(env, cell, rd, **extra)
+
+    monkeypatch.setattr(operating, "make_edit", flaky)
+    out = _run(spec, d)
+    assert out["counts"] == {"done": 3, "failed": 1}
+    st = {c["key"]: c for c in status(load_spec(spec), d)["cells"]}
+    assert st["esd-u__sq__seed0"]["state"] == "failed"
+    assert "simulated failure" in st["esd-u__sq__seed0"]["error"]
+    assert "simulated failure" in (d / "table.md").read_text()  # reported in the table
+    monkeypatch.setattr(operating, "make_edit", real)
+    out = _run(spec, d)
+    assert [r["key"] for r in out["ran"]] == ["esd-u__sq__seed0"]  # only the failed cell is retried
+    assert out["counts"] == {"done": 4}
+    assert _seed0_rows(d) == _seed0_rows(reference)
+
+
+def test_study_folder_of_another_spec_is_refused(reference, tmp_path):
+    d = tmp_path / "other"
+    shutil.copytree(reference, d)
+    changed = _spec(tmp_path, SEED0.replace("target = 0.95", "target = 0.9"))
+    with pytest.raises(ValueError, match=r"another spec.*operating_point\.target: 0\.95 -> 0\.9.*--force"):
+        _run(changed, d)
+    out = _run(changed, d, force=True)  # every cell's operating point changed: all redone
+    assert out["counts"] == {"done": 4} and len(out["ran"]) == 4
+
+
+def test_stop_at_chunks_equal_the_uninterrupted_run(tiny_pipe, tmp_path):
+    """The target rule's chunks (FinetuneConfig.stop_at, then resume) end where one run of max_steps passes."""
+    import erasekit
+    from erasekit.edit import EraseRequest
+
+    req = EraseRequest(["triangle"])
+    kw = dict(method="esd", preset="paper", steps=4, ddim_steps=2, lr=1e-2, progress=False)
+    full = erasekit.erase(tiny_pipe, req, **kw)
+    run = str(tmp_path / "run")
+    half = erasekit.erase(tiny_pipe, req, **kw, run_dir=run, resume=True, stop_at=2, checkpoint_every=2)
+    rest = erasekit.erase(tiny_pipe, req, **kw, run_dir=run, resume=True, stop_at=4, checkpoint_every=2)
+    assert half.trace["steps_this_call"] == 2 and rest.trace["steps_this_call"] == 2
+    assert any(not torch.equal(half.tensors[k], full.tensors[k]) for k in full.tensors)
+    for k in full.tensors:
+        assert torch.equal(rest.tensors[k], full.tensors[k]), k
+
+
+@pytest.mark.slow
+def test_process_pool_gives_the_same_table(reference, tmp_path):
+    out = _run(_spec(tmp_path), tmp_path / "pool", workers=2, threads=1)
+    assert out["counts"] == {"done": 8}
+    assert _tables(out["dir"]) == _tables(reference)
+
+
+def test_ray_executor_gives_the_same_table(reference, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        out = _run(_spec(tmp_path), tmp_path / "ray", ray="auto", threads=1)
+    finally:
+        ray.shutdown()
+    assert out["counts"] == {"done": 8}, out["ran"]
+    assert _tables(out["dir"]) == _tables(reference)
+
+
+def test_cli_status_table_plot(reference, tmp_path):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    spec = str(_spec(tmp_path))
+    runner = CliRunner()
+    res = runner.invoke(app, ["study", "status", spec, "--dir", str(reference)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("done ") == 8 and '{"done": 8}' in res.output
+    res = runner.invoke(app, ["study", "table", spec, "--dir", str(reference), "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert (
+        "| ESD-x |" in res.output
+        and (tmp_path / "t" / "results.csv").read_text() == (reference / "results.csv").read_text()
+    )
+    res = runner.invoke(app, ["study", "plot", spec, "--dir", str(reference), "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "t" / "esr_psr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
