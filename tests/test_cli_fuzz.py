@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import random
 import string
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -40,6 +41,9 @@ def fast_load():
     mp = pytest.MonkeyPatch()
     mp.setattr(erasekit, "load_pipeline", load)
     mp.setattr(erasekit.pipeline, "load_pipeline", load)
+    for mod in list(sys.modules.values()):  # the CLI's command modules import the loader by name
+        if getattr(mod, "__name__", "").startswith("erasekit.cli") and hasattr(mod, "load_pipeline"):
+            mp.setattr(mod, "load_pipeline", load)
     yield
     mp.undo()
 
