@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from erasekit.cli import analyze, attack, demo, erase, evaluate, export, generate, report, serve, world
+from erasekit.cli import analyze, attack, demo, erase, evaluate, export, generate, report, serve, study, world
 from erasekit.cli.common import App
-from erasekit.study.cli import app as study_app
 
 app = App(help="Erase, hide, recover and audit concepts in text-to-image diffusion models.", no_args_is_help=True)
 app.command()(erase.methods)
@@ -26,7 +25,7 @@ app.command("export")(export.export_cmd)
 app.command()(serve.serve)
 app.add_typer(world.app, name="world")
 app.add_typer(analyze.app, name="analyze")
-app.add_typer(study_app, name="study")
+app.add_typer(study.app, name="study")
 
 
 def main() -> None:  # pragma: no cover

@@ -1,46 +1,21 @@
 """``erasekit study run|status|table|plot SPEC``: the command line of :mod:`erasekit.study`.
 
-The main CLI mounts this app with ``app.add_typer(study_app, name="study")``. Imports of the library
+The main CLI mounts this app with ``app.add_typer(study.app, name="study")``; its commands share the
+one error handler of every command (:class:`erasekit.cli.common.App`). Imports of the library
 happen inside the commands, so ``erasekit --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import click
 import typer
 
+from erasekit.cli.common import App
 
-class _StudyApp(typer.Typer):
-    """Every command: a library error (a bad spec, a study folder of another spec, ...) becomes one line
-    on stderr and exit code 2, as in the main CLI."""
-
-    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        register = super().command(*args, **kwargs)
-
-        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            @functools.wraps(fn)
-            def run(*a: Any, **k: Any) -> Any:
-                try:
-                    return fn(*a, **k)
-                except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-                    raise
-                except (ValueError, OSError, ImportError, RuntimeError, KeyError, TypeError) as e:
-                    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-                    raise typer.Exit(2) from None
-
-            register(run)
-            return fn
-
-        return deco
-
-
-app = _StudyApp(
+app = App(
     help="Studies: method x concept x seed grids to the paper's operating point (docs/studies.md).",
     no_args_is_help=True,
 )
