@@ -276,12 +276,14 @@ def test_support_table_covers_every_registered_method():
 def test_half_precision_weights_train_with_fp32_masters(tmp_path, one_thread):
     from safetensors.torch import load_file
 
+    from erasekit.finetune import latest_checkpoint
+
     pipe = tiny_family_pipeline("sd1").to(dtype=torch.bfloat16)
     run = tmp_path / "run"
     edit = erasekit.erase(pipe, REQUEST, method="esd", progress=False, run_dir=str(run), lr=1e-3, **FT)
     assert edit.trace["memory"]["fp32_master_weights"] is True
     assert {v.dtype for v in edit.tensors.values()} == {torch.bfloat16}
-    ck = sorted((run / "checkpoints").iterdir())[-1]
+    ck = latest_checkpoint(run)  # the run directory's train/checkpoints (erasekit.rundir layout)
     masters = load_file(ck / "trainable.safetensors")
     assert {v.dtype for v in masters.values()} == {torch.float32}
     # the edit is the masters rounded to the model's dtype, and they moved

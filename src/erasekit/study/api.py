@@ -35,8 +35,11 @@ def open_study(spec: StudySpec, directory: str | Path | None = None, *, force: b
         if old.get("spec") != ident and not force:
             diff = identity_diff(old.get("spec") or {}, ident)
             raise RunDirMismatch(
-                f"Study folder {str(d)!r} was made from another spec (differing: {'; '.join(diff)}). Use the same "
-                "spec, another --dir, or --force (cells whose settings changed are redone, the others kept)."
+                d,
+                diff,
+                "study folder",
+                detail=f"was made from another spec (differing: {'; '.join(diff)}); use the same spec, another "
+                "--dir, or --force (cells whose settings changed are redone, the others kept)",
             )
     d.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
