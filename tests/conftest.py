@@ -1,9 +1,23 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from erasekit.testing import save_tiny_pipeline, tiny_pipeline
 
 torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_root_stays_clean():
+    """No test may write into the repository's root (a CLI run resolving an output against the
+    working directory once committed its images and index there)."""
+    before = {p.name for p in REPO.iterdir()}
+    yield
+    new = sorted({p.name for p in REPO.iterdir()} - before - {".pytest_cache", ".ruff_cache"})
+    assert not new, f"tests wrote into the repository root: {new}"
 
 
 @pytest.fixture

@@ -22,7 +22,16 @@ import erasekit.pipeline
 from erasekit.cli import app
 from erasekit.testing import tiny_pipeline
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "in_tmp_cwd")
+
+
+@pytest.fixture
+def in_tmp_cwd(tmp_path, monkeypatch):
+    """Run each case from a scratch directory: a path the CLI resolves against the working
+    directory (``--out .``, a relative name) lands there, never in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 runner = CliRunner()
 
 
@@ -39,10 +48,8 @@ def fast_load():
         return copy.deepcopy(base)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(erasekit, "load_pipeline", load)
-    mp.setattr(erasekit.pipeline, "load_pipeline", load)
-    for mod in list(sys.modules.values()):  # the CLI's command modules import the loader by name
-        if getattr(mod, "__name__", "").startswith("erasekit.cli") and hasattr(mod, "load_pipeline"):
+    for mod in list(sys.modules.values()):  # the CLI's modules (and launch_generation's) import it by name
+        if getattr(mod, "__name__", "").startswith("erasekit") and getattr(mod, "load_pipeline", None) is real:
             mp.setattr(mod, "load_pipeline", load)
     yield
     mp.undo()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +63,34 @@ def check_dtype(dtype: torch.dtype | None, device: torch.device) -> None:
         raise ValueError("`dtype` bfloat16 is not supported on MPS by every diffusers op; use float16 or float32.")
 
 
-def _read_index(name: str, revision: str | None) -> dict[str, Any] | None:
-    """The hub model's ``model_index.json`` (from the hub or the cache), or None when it cannot be read."""
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) accepts a TCP connection within ``timeout`` s.
+
+    Checked once before a hub id is loaded, so that an offline machine fails in a moment with a clear
+    message instead of waiting out huggingface_hub's retry backoff (about 45 s per file) and so that a
+    cached model loads offline. ``HF_HUB_OFFLINE=1`` answers False without a connection.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    if not url.hostname:
+        return False
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _read_index(name: str, revision: str | None, *, online: bool) -> dict[str, Any] | None:
+    """The hub model's ``model_index.json`` (from the hub, or only the cache when not ``online``), or
+    None when it cannot be read."""
     try:
         from diffusers import DiffusionPipeline
 
-        return dict(DiffusionPipeline.load_config(name, revision=revision))
+        return dict(DiffusionPipeline.load_config(name, revision=revision, local_files_only=not online))
     except Exception:  # noqa: BLE001 - any failure here is reported by the load itself below
         return None
 
@@ -140,14 +164,23 @@ def load_pipeline(
     elif name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
         raise FileNotFoundError(f"`model` folder {name!r} does not exist. Check the path, or pass 'shapes'.")
     else:
-        index = _read_index(name, revision)
+        online = hub_reachable()
+        index = _read_index(name, revision, online=online)
+        if index is None and not online:
+            raise OSError(
+                f"`model` {name!r} is not in the local Hugging Face cache and the hub is unreachable "
+                "(offline, or HF_HUB_OFFLINE=1). Download it where the hub is reachable and pass the local "
+                "folder, or use 'shapes'."
+            )
         family = family_for_index(index, what=f"`model` {name!r}") if index is not None else "sd1"
         try:
             cls = _pipeline_class(family)
-            pipe = cls.from_pretrained(name, revision=revision, **kwargs, **(sd_kwargs if family == "sd1" else {}))
+            extra = sd_kwargs if family == "sd1" else {}
+            pipe = cls.from_pretrained(name, revision=revision, local_files_only=not online, **kwargs, **extra)
         except (OSError, ValueError) as e:
+            where = "the Hugging Face hub or its cache" if online else "the local cache (the hub is unreachable)"
             raise OSError(
-                f"Could not load `model` {name!r} from the Hugging Face hub or its cache ({type(e).__name__}). "
+                f"Could not load `model` {name!r} from {where} ({type(e).__name__}). "
                 "Offline? Download it where the hub is reachable and pass the local folder, or use 'shapes'."
             ) from e
         model_id, local = name, None

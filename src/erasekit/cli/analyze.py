@@ -22,6 +22,7 @@ from erasekit.cli.common import (
     concepts_from,
     config_from,
     edits_from,
+    out_dir,
     record,
 )
 from erasekit.eval.generate import SamplingConfig, parse_seeds
@@ -34,7 +35,10 @@ app = App(
 @app.command("spectrum")
 def analyze_spectrum(
     edit: Annotated[list[str], typer.Option("--edit", help="An edit to analyse: PATH or LABEL=PATH (repeatable).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for spectrum-*.json, the plots and spectrum.html.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", parser=out_dir, help="Folder for spectrum-*.json, the plots and spectrum.html."),
+    ],
     concepts: ConceptsOpt = None,
     vocabulary: VocabularyOpt = None,
     model: ModelOpt = "shapes",
@@ -79,7 +83,8 @@ def analyze_graph(
         list[str], typer.Option("--edit", help="An erasure of the graph: PATH or LABEL=PATH (repeatable).")
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for graph.json, the heatmap, graph.html and spectra.")
+        Path,
+        typer.Option("--out", "-o", parser=out_dir, help="Folder for graph.json, the heatmap, graph.html and spectra."),
     ],
     concepts: ConceptsOpt = None,
     vocabulary: VocabularyOpt = None,
@@ -139,7 +144,9 @@ def analyze_graph(
 
 @app.command("diff")
 def analyze_diff(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for diff.json, diff.png and diff.html.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", parser=out_dir, help="Folder for diff.json, diff.png and diff.html.")
+    ],
     edit: Annotated[Path | None, typer.Option("--edit", help="The edit of --model to inspect.")] = None,
     edited_model: Annotated[
         str | None, typer.Option(help="Or a whole fine-tuned pipeline (folder or hub id) to compare with --model.")

@@ -10,7 +10,7 @@ import typer
 
 from erasekit import Edit, load_pipeline
 from erasekit.attacks.asr import DEFAULT_ATTACKS, run_attacks
-from erasekit.cli.common import ModelOpt, split_list
+from erasekit.cli.common import ModelOpt, out_dir, split_list
 from erasekit.rundir import RunDir
 
 
@@ -26,7 +26,9 @@ def attack(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Resumable output directory (default with --edit RUN: RUN/attacks)."),
+        typer.Option(
+            "--out", "-o", parser=out_dir, help="Resumable output directory (default with --edit RUN: RUN/attacks)."
+        ),
     ] = None,
 ) -> None:
     """Red-team an edit: run attacks that try to bring the erased concept back; print ASR and cost."""

@@ -41,6 +41,14 @@ class App(typer.Typer):
         return deco
 
 
+def out_dir(value: str) -> Path:
+    """Parse an ``--out`` value: an empty one (an unset shell variable) is refused, not read as the
+    current directory, which would fill the working tree with a run's files."""
+    if not value.strip():
+        raise typer.BadParameter("is empty: name a directory, e.g. --out runs/NAME")
+    return Path(value)
+
+
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="'shapes' (bundled miniature), a diffusers folder, or a hub id.")
 ]

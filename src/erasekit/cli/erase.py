@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from erasekit import Edit, EraseRequest, available_methods, get_method, load_pipeline
-from erasekit.cli.common import DeviceOpt, ModelOpt, config_from, split_list, warn_split_words
+from erasekit.cli.common import DeviceOpt, ModelOpt, config_from, out_dir, split_list, warn_split_words
 from erasekit.eval.generate import parse_seeds
 from erasekit.eval.runtime import default_device
 from erasekit.methods.base import erase as erasekit_erase
@@ -46,7 +46,9 @@ def _method_names() -> str:
 
 def erase(
     erase: Annotated[list[str], typer.Option("--erase", "-e", help="Concept(s) to erase (repeat or comma-separate).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write (run.json, edit/, train/, ...).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", parser=out_dir, help="Run directory to write (run.json, edit/, train/, ...).")
+    ],
     method: Annotated[
         str, typer.Option(help=f"Erasure method: {_method_names()} (options: `erasekit methods`).")
     ] = "uce",
@@ -115,7 +117,10 @@ def recover(
     edit: Annotated[
         Path, typer.Option("--edit", help="Run directory (or edit folder) of the edit that hides the concept.")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the recovery key (outside the edit's folder).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", parser=out_dir, help="Folder for the recovery key (outside the edit's folder)."),
+    ],
     concept: Annotated[
         list[str] | None,
         typer.Option("--concept", help="Hidden concept(s) to recover (default: the edit's erased ones)."),

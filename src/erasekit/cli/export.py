@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from erasekit import Edit, load_pipeline
+from erasekit.cli.common import out_dir
 from erasekit.export import format_report
 from erasekit.export import push_to_hub as push
 from erasekit.pipeline import BUNDLED
@@ -15,7 +16,9 @@ from erasekit.pipeline import BUNDLED
 
 def export_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory (or edit folder) of `erasekit erase --out`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Export directory (must not exist or be empty).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", parser=out_dir, help="Export directory (must not exist or be empty).")
+    ],
     format: Annotated[str, typer.Option("--format", "-f", help="diffusers, lora, kohya or unet.")] = "diffusers",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Base model (default: the edit's own).")] = None,
     rank: Annotated[

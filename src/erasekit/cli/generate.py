@@ -26,6 +26,7 @@ from erasekit.cli.common import (
     SlicingOpt,
     StepsOpt,
     WidthOpt,
+    out_dir,
     split_list,
 )
 from erasekit.eval.distributed import PROMPT_FORMATS, launch_generation, protocol_items
@@ -38,7 +39,9 @@ from erasekit.pipeline import base_info
 
 
 def generate(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (images/ + index.jsonl); resumable.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", parser=out_dir, help="Output directory (images/ + index.jsonl); resumable.")
+    ],
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).")] = None,
     prompts: Annotated[Path | None, typer.Option(help="A prompt file in the --protocol's format.")] = None,
     protocol: Annotated[

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from erasekit.cli.common import split_list
+from erasekit.cli.common import out_dir, split_list
 from erasekit.eval.generate import SamplingConfig, parse_seeds
 from erasekit.report.run_report import build_run_report
 
@@ -25,7 +25,8 @@ def report_cmd(
         str, typer.Option(help="RECE Fig. 5 images from each 'epoch' model or the 'final' one.")
     ] = "epoch",
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Where to write the page (default: RUN/report.html).")
+        Path | None,
+        typer.Option("--out", "-o", parser=out_dir, help="Where to write the page (default: RUN/report.html)."),
     ] = None,
 ) -> None:
     """Write one self-contained HTML report of an erase run (request, config, before/after, metrics, traces, spectra)."""
