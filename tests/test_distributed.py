@@ -92,7 +92,7 @@ def setup(tiny_pipe_dir, tmp_path_factory):
 def _interrupted_run(pipe, items, run, monkeypatch):
     """A 2-process run that died: rank 1 crashed in its second chunk, rank 0 never ran."""
     calls = {"n": 0}
-    real_generate = dist.generate
+    real_generate = dist.generate_locked
 
     def crash_on_second_batch(*args, **kwargs):
         calls["n"] += 1
@@ -100,10 +100,10 @@ def _interrupted_run(pipe, items, run, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(dist, "generate", crash_on_second_batch)
+    monkeypatch.setattr(dist, "generate_locked", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         generate_items(pipe, items, run, CFG, rank=1, world_size=2, progress=False)
-    monkeypatch.setattr(dist, "generate", real_generate)
+    monkeypatch.setattr(dist, "generate_locked", real_generate)
     before = read_index(run, shard_index_name(1))
     assert len(before) == 2 and not (run / INDEX).exists()
     return {r["path"]: (run / r["path"]).stat().st_mtime_ns for r in before}

@@ -305,3 +305,74 @@ def test_every_protocol_is_found_whatever_was_imported_first():
     out = sp.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["erasekit.attacks.asr", "erasekit.eval.real_protocols"]
+
+
+def test_a_refused_overwrite_deletes_nothing_of_the_live_writers_run(tmp_path):
+    """The lock comes first: a second ``--overwrite`` refused as in use leaves the first writer's derived files."""
+    d = tmp_path / "run"
+    d.mkdir()
+    for name in ("report.html", "metrics.json"):
+        (d / name).write_text("live")
+    with locked(d):  # the first writer
+        with pytest.raises(RunDirInUse):
+            with run_dir(d, overwrite=True):
+                pass
+    assert (d / "report.html").read_text() == (d / "metrics.json").read_text() == "live"
+
+
+def test_a_generation_holds_its_index_lock_for_the_whole_run_not_per_batch(tmp_pipe_items, monkeypatch):
+    """A second writer arriving *between* two batches of a running generation is refused too."""
+    from erasekit.eval import distributed as dist
+    from erasekit.eval import generate as gen_mod
+
+    pipe, items, out = tmp_pipe_items
+    real_write, seen = gen_mod.write_batch, []
+
+    def write_then_probe(folder, batch, imgs, index_name=gen_mod.INDEX):
+        recs = real_write(folder, batch, imgs, index_name)
+        try:  # between batches: the index lock must still be held by the running generation
+            with locked(out, f"{index_name}.lock"):
+                seen.append("free")
+        except RunDirInUse:
+            seen.append("held")
+        return recs
+
+    monkeypatch.setattr(gen_mod, "write_batch", write_then_probe)
+    generate(pipe, items, out, SamplingConfig(steps=2, batch_size=1), progress=False)
+    assert seen == ["held"] * len(items)
+    # the CLI's path (erasekit generate / accelerate launch): the chunked driver, probed between its chunks
+    seen.clear()
+    monkeypatch.setattr(gen_mod, "write_batch", real_write)
+    out = out.parent / "gen-cli"
+
+    class ProbingBar:
+        def __init__(self, *a, **k):
+            pass
+
+        def update(self, n):
+            probe_index = dist.INDEX
+            try:
+                with locked(out, f"{probe_index}.lock"):
+                    seen.append("free")
+            except RunDirInUse:
+                seen.append("held")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(dist, "tqdm", ProbingBar)
+    more = [PromptItem("a dog", s) for s in range(3)]
+    dist.generate_items(pipe, more, out, SamplingConfig(steps=2, batch_size=1), progress=False)
+    assert seen == ["held"] * len(more)
+
+
+def test_a_generation_folder_that_failed_before_its_first_image_takes_new_settings(tmp_pipe_items):
+    """Nothing was generated under the old settings, so nothing can be mixed: the new run starts there."""
+    from erasekit.eval.generate import generation_folder
+
+    pipe, items, out = tmp_pipe_items
+    generation_folder(out, pipe, SamplingConfig(steps=3, batch_size=2))  # identity written, then a crash
+    recs = generate(pipe, items, out, SamplingConfig(steps=2, batch_size=2), progress=False)
+    assert len(recs) == len(items)
+    with pytest.raises(Exception, match="steps"):  # with images in it, other settings are refused again
+        generate(pipe, items, out, SamplingConfig(steps=3, batch_size=2), progress=False)

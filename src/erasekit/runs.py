@@ -88,11 +88,11 @@ def run_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(
             f"Run directory {str(p)!r} exists and is not empty; pass --overwrite or choose another --out."
         )
-    if visible:  # --overwrite: the outputs derived from the previous edit would now describe the wrong one
-        for name in STALE_ON_OVERWRITE:
-            (p / name).unlink(missing_ok=True)
     try:
-        with locked(p):
+        with locked(p):  # first the lock: a live writer's directory is refused before anything is deleted
+            if visible:  # --overwrite: the outputs derived from the previous edit would now describe the wrong one
+                for name in STALE_ON_OVERWRITE:
+                    (p / name).unlink(missing_ok=True)
             yield p
     except RunDirInUse:
         raise

@@ -43,8 +43,8 @@ from erasekit.eval.generate import (
     INDEX,
     PromptItem,
     SamplingConfig,
-    generate,
     generate_images,
+    generate_locked,
     generation_folder,
     parse_seeds,
     write_batch,
@@ -128,42 +128,32 @@ def generate_items(
     # with per-item scales the directory records guidance None (generate() would refuse differing scales)
     folder = generation_folder(out, pipe, replace(cfg, guidance_scale=None) if per_item else cfg)
     mine = chunks_for_rank(uniq, cfg.batch_size, rank, world_size)
-    done = done_records(out)
     index_name = INDEX if world_size == 1 else shard_index_name(rank)
-    todo_chunks = [[it for it in ch if (it.prompt, it.seed) not in done] for ch in mine]
-    todo_chunks = [ch for ch in todo_chunks if ch]
-    n_todo = sum(len(ch) for ch in todo_chunks)
-    desc = "generate" if world_size == 1 else f"generate [rank {rank}/{world_size}]"
-    bar = tqdm(total=n_todo, desc=desc, unit="img", disable=not progress, position=rank if world_size > 1 else None)
-    made = 0
-    for chunk in todo_chunks:
-        if not per_item:  # the chunk is one batch
-            generate(
-                pipe,
-                chunk,
-                out,
-                replace(cfg, batch_size=len(chunk)),
-                progress=False,
-                index_name=index_name,
-                recorded_batch_size=cfg.batch_size,
-            )
-        else:  # one batch per guidance scale in the chunk, in first-appearance order
-            groups: dict[float, list[PromptItem]] = {}
-            for it in chunk:
-                groups.setdefault(float(it.meta["guidance_scale"]), []).append(it)
-            for g, group in groups.items():
-                _write_batch(pipe, group, folder, replace(cfg, guidance_scale=g, batch_size=len(group)), index_name)
-        made += len(chunk)
-        bar.update(len(chunk))
-    bar.close()
+    with folder.lock(f"{index_name}.lock"):  # the whole run: a second writer is refused, never interleaved
+        done = done_records(out)
+        todo_chunks = [[it for it in ch if (it.prompt, it.seed) not in done] for ch in mine]
+        todo_chunks = [ch for ch in todo_chunks if ch]
+        n_todo = sum(len(ch) for ch in todo_chunks)
+        desc = "generate" if world_size == 1 else f"generate [rank {rank}/{world_size}]"
+        pos = rank if world_size > 1 else None
+        bar = tqdm(total=n_todo, desc=desc, unit="img", disable=not progress, position=pos)
+        made = 0
+        for chunk in todo_chunks:
+            if not per_item:  # the chunk is one batch
+                generate_locked(folder, pipe, chunk, replace(cfg, batch_size=len(chunk)), progress=False,
+                                index_name=index_name)  # fmt: skip
+            else:  # one batch per guidance scale in the chunk, in first-appearance order
+                groups: dict[float, list[PromptItem]] = {}
+                for it in chunk:
+                    groups.setdefault(float(it.meta["guidance_scale"]), []).append(it)
+                for g, group in groups.items():
+                    gcfg = replace(cfg, guidance_scale=g, batch_size=len(group))
+                    imgs = generate_images(pipe, [b.prompt for b in group], [b.seed for b in group], gcfg)
+                    write_batch(folder, group, imgs, index_name)
+            made += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
     return made
-
-
-def _write_batch(pipe, batch: list[PromptItem], folder: ResumableDir, cfg: SamplingConfig, index_name: str) -> None:
-    """One batch written exactly as :func:`erasekit.eval.generate.generate` writes it (PNG, then record)."""
-    imgs = generate_images(pipe, [b.prompt for b in batch], [b.seed for b in batch], cfg)
-    with folder.lock(f"{index_name}.lock"):
-        write_batch(folder, batch, imgs, index_name)
 
 
 def merge_index(out_dir: str | Path, items: Sequence[PromptItem] | None = None) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ other settings is refused, naming what differs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from erasekit.io import read_jsonl
 from erasekit.pipeline import denoiser, fingerprint
 from erasekit.rundir import ResumableDir, RunDirMismatch
+from erasekit.runs import locked
 
 INDEX = "index.jsonl"
 GENERATION_JSON = "generation.json"
@@ -216,20 +218,38 @@ def generate(
     bs = cfg.batch_size if recorded_batch_size is None else recorded_batch_size
     folder = generation_folder(out, pipe, replace(cfg, batch_size=bs), conditioning)
     with folder.lock(f"{index_name}.lock"):
-        done = {(r["prompt"], r["seed"]): r for r in read_index(out, index_name)}
-        todo = [it for it in items if (it.prompt, it.seed) not in done]
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="img", disable=not progress)
-        for s in range(0, len(todo), cfg.batch_size):
-            batch = todo[s : s + cfg.batch_size]
-            prompts, seeds = [b.prompt for b in batch], [b.seed for b in batch]
-            if prompt_embeds_fn is None:
-                imgs = generate_images(pipe, prompts, seeds, cfg)
-            else:
-                imgs = generate_images(pipe, None, seeds, cfg, prompt_embeds=prompt_embeds_fn(prompts))
-            recs = write_batch(folder, batch, imgs, index_name)
-            done.update({(r["prompt"], r["seed"]): r for r in recs})
-            bar.update(len(batch))
-        bar.close()
+        return generate_locked(folder, pipe, items, cfg, progress=progress, index_name=index_name,
+                               prompt_embeds_fn=prompt_embeds_fn)  # fmt: skip
+
+
+def generate_locked(
+    folder: ResumableDir,
+    pipe,
+    items: Sequence[PromptItem],
+    cfg: SamplingConfig,
+    *,
+    progress: bool = True,
+    index_name: str = INDEX,
+    prompt_embeds_fn: Callable[[list[str]], torch.Tensor] | None = None,
+) -> list[dict[str, Any]]:
+    """The body of :func:`generate` for a caller that already holds ``folder``'s lock on ``index_name``
+    (made by :func:`generation_folder`; ``cfg`` resolved): the items not in the index yet, in batches
+    of ``cfg.batch_size``, each written image first, then its records."""
+    out = folder.path
+    done = {(r["prompt"], r["seed"]): r for r in read_index(out, index_name)}
+    todo = [it for it in items if (it.prompt, it.seed) not in done]
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="img", disable=not progress)
+    for s in range(0, len(todo), cfg.batch_size):
+        batch = todo[s : s + cfg.batch_size]
+        prompts, seeds = [b.prompt for b in batch], [b.seed for b in batch]
+        if prompt_embeds_fn is None:
+            imgs = generate_images(pipe, prompts, seeds, cfg)
+        else:
+            imgs = generate_images(pipe, None, seeds, cfg, prompt_embeds=prompt_embeds_fn(prompts))
+        recs = write_batch(folder, batch, imgs, index_name)
+        done.update({(r["prompt"], r["seed"]): r for r in recs})
+        bar.update(len(batch))
+    bar.close()
     return [done[(it.prompt, it.seed)] for it in items]
 
 
@@ -246,6 +266,14 @@ def generation_folder(
     try:
         folder = ResumableDir(out, identity, meta=GENERATION_JSON, what="generation folder")
     except RunDirMismatch as e:
+        if not holds_images(out):  # a run that failed before its first image: nothing of it to mix with
+            with contextlib.ExitStack() as live:  # ... unless it is still running: its writer is refused here
+                for lock in sorted(Path(out).glob("index*.lock")):
+                    live.enter_context(locked(out, lock.name))
+                if not holds_images(out):
+                    folder = ResumableDir(out, identity, meta=GENERATION_JSON, what="generation folder", force=True)
+                    (folder.path / "images").mkdir(parents=True, exist_ok=True)
+                    return folder
         if all(d.startswith("sampling.batch_size:") for d in e.differences):
             old_bs = (ResumableDir.read_meta(out, GENERATION_JSON) or {})["identity"]["sampling"]["batch_size"]
             raise ValueError(
@@ -261,6 +289,15 @@ def generation_folder(
         ) from None
     (folder.path / "images").mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def holds_images(out: str | Path) -> bool:
+    """Whether the generation folder ``out`` holds any image or index record (of any process)."""
+    out = Path(out)
+    images = out / "images"
+    if images.is_dir() and any(images.iterdir()):
+        return True
+    return any(read_jsonl(p) for p in out.glob("index*.jsonl"))
 
 
 def write_batch(folder: ResumableDir, items: Sequence[PromptItem], images: np.ndarray, index_name: str = INDEX):
