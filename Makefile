@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0   # the CPU build; keeps resolvers away from CUDA wheels
-	$(BIN)/python -m pip install -q -e '.[dev,ui]'   # ui: the web app and its browser test
+	$(BIN)/python -m pip install -q -e '.[dev,ui,ray]'   # ui: the web app and its browser test; ray: the study executor's test
 	touch $(STAMP)
 
 install: $(STAMP)
