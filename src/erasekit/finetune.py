@@ -76,7 +76,7 @@ from erasekit.edit import Edit, EraseRequest
 from erasekit.families import family_of
 from erasekit.families.memory import MasterWeights, describe, make_optimizer, memory_options
 from erasekit.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
-from erasekit.methods.base import is_read
+from erasekit.options import is_read
 from erasekit.pipeline import base_info
 from erasekit.rundir import ResumableDir, RunDir, RunDirMismatch
 from erasekit.targets import select_parameters

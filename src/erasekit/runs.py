@@ -6,23 +6,19 @@ finishes, so a bad argument never leaves a half-written run behind.
 
 from __future__ import annotations
 
-import ast
 import errno
 import fcntl
-import math
 import os
 import shutil
 import subprocess
-import types
-import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from erasekit._version import __version__
 from erasekit.io import write_json_atomic
+from erasekit.options import coerce_option, parse_overrides  # noqa: F401 - their home is erasekit.options
 
 LOCK_FILE = ".lock"
 RESUMABLE = ("checkpoints", "train")
@@ -123,80 +119,3 @@ def write_run_config(directory: Path, **sections: Any) -> None:
     write_json_atomic(
         directory / "config.json", {**sections, "erasekit_version": __version__, "git_commit": git_commit()}
     )
-
-
-def parse_overrides(config_class: type, pairs: list[str]) -> dict[str, Any]:
-    """``["lamb=0.1", "templates=['{}','a {}']"]`` -> overrides for ``config_class``, each checked against
-    the field's type (``resume=false`` is ``False``, ``lamb=abc`` and ``lamb=1e999`` are errors naming
-    the option and what it takes)."""
-
-    valid = {f.name: f for f in fields(config_class)}
-    hints = typing.get_type_hints(config_class)
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep:
-            raise ValueError(f"`--set {pair}` must look like KEY=VALUE, e.g. --set lamb=0.1.")
-        if key not in valid:
-            raise ValueError(f"`--set {key}`: unknown option; valid options: {sorted(valid)}.")
-        raw = raw.strip()
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            value = raw  # a bare string
-        out[key] = coerce_option(key, value, raw, hints.get(key, Any))
-    return out
-
-
-_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
-
-
-def coerce_option(key: str, value: Any, raw: str, tp: Any) -> Any:
-    """``value`` (parsed from the text ``raw``) checked and converted to the type ``tp`` of option ``key``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or raw.lower() in ("none", "null")):
-            return None
-        errors = []
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return coerce_option(key, value, raw, a)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if len(errors) == 1 else f"`--set {key}={raw}`: " + "; or ".join(errors))
-    if origin is typing.Literal:
-        if value in args or raw in args:
-            return value if value in args else raw
-        raise ValueError(f"`--set {key}={raw}`: must be one of {', '.join(repr(a) for a in args)}.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if raw.lower() in _TRUE | _FALSE:
-            return raw.lower() in _TRUE
-        raise ValueError(f"`--set {key}={raw}`: must be true or false.")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"`--set {key}={raw}`: must be an integer, e.g. {key}=100.")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                value = float(value)  # an integer beyond float's range overflows here
-            except OverflowError:
-                value = math.inf
-            if not math.isfinite(value):
-                raise ValueError(f"`--set {key}={raw}`: must be a finite number.")
-            return value
-        raise ValueError(f"`--set {key}={raw}`: must be a number, e.g. {key}=0.1.")
-    if tp is str:
-        return value if isinstance(value, str) else raw
-    if origin in (list, tuple) and args:
-        if isinstance(value, (list, tuple)):
-            inner = args[0]
-            items = [coerce_option(key, v, str(v), inner) for v in value]
-            return tuple(items) if origin is tuple else items
-        raise ValueError(f"`--set {key}={raw}`: must be a list, e.g. {key}=\"['a', 'b']\".")
-    return value

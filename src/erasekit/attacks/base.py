@@ -28,7 +28,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from erasekit.eval.generate import SamplingConfig, generate_images, initial_latents
 from erasekit.families import check_attack
 from erasekit.io import save_safetensors_atomic
+from erasekit.options import build_config
 from erasekit.pipeline import encode_prompts, fingerprint
 from erasekit.rundir import ResumableDir
 
@@ -151,13 +152,9 @@ def get_attack(name: str) -> AttackSpec:
 
 
 def make_attack_config(name: str, **overrides: Any) -> Any:
-    """The attack's config dataclass with ``overrides``; unknown keys are an error listing valid ones."""
-    spec = get_attack(name)
-    valid = {f.name for f in fields(spec.config_class)}
-    bad = sorted(set(overrides) - valid)
-    if bad:
-        raise ValueError(f"Unknown option(s) {bad} for attack {name!r}; valid options: {sorted(valid)}.")
-    return spec.config_class(**overrides)
+    """The attack's config dataclass with ``overrides``, built as a method's is
+    (:func:`erasekit.options.build_config`): unknown keys are an error listing valid ones."""
+    return build_config(get_attack(name).config_class, overrides, owner=f"attack {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,29 +15,32 @@ dataclass's own defaults are that preset's values (``tests/test_presets.py`` che
 (``used_when={"search": ("pgd",)}``: only when ``search`` is ``"pgd"``). Setting such a field
 explicitly while the condition is false is an error that names the option and the setting that
 would make it count, so a user never believes an option took effect when the method ignored it.
+Configs are built by :func:`erasekit.options.build_config`, as the attacks' are: one config story
+(presets, ``used_when``, ``--set`` parsing) for every registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from erasekit.edit import Edit, EraseRequest, with_touched_digest
 from erasekit.families import check_method
+from erasekit.options import (  # noqa: F401 - check_options_read, is_read, used_when_text: also read from here
+    Preset,
+    build_config,
+    check_options_read,
+    config_preset,
+    field_default,
+    is_read,
+    pick_preset,
+    used_when_text,
+)
 
 PAPER, AUTHORS = "paper", "authors"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named set of config values and one line on what it changes and why."""
-
-    name: str
-    values: Mapping[str, Any]
-    summary: str
 
 
 @dataclass(frozen=True)
@@ -104,49 +107,10 @@ def available_methods() -> dict[str, MethodSpec]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def field_default(f: Field) -> Any:
-    """A dataclass field's default value (calling its factory)."""
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return MISSING
-
-
-def used_when_text(condition: Mapping[str, Any]) -> str:
-    """``{"search": ("pgd",)}`` -> ``"search='pgd'"`` (for messages and help text)."""
-    return " and ".join(f"{k} in {tuple(v)!r}" if len(v) > 1 else f"{k}={v[0]!r}" for k, v in condition.items())
-
-
-def is_read(config: Any, f: Field) -> bool:
-    """Whether ``config`` reads field ``f`` given its other values (the field's ``used_when`` metadata)."""
-    condition = f.metadata.get("used_when")
-    if not condition:
-        return True
-    return all(getattr(config, k) in tuple(v) for k, v in condition.items())
-
-
-def check_options_read(config: Any, explicit: set[str], *, method: str, preset: str) -> None:
-    """Refuse options set explicitly (``explicit``) that ``config`` will not read (see the module docstring)."""
-    for f in fields(config):
-        if f.name in explicit and not is_read(config, f):
-            cond = f.metadata["used_when"]
-            now = ", ".join(f"{k}={getattr(config, k)!r}" for k in cond)
-            raise ValueError(
-                f"Option `{f.name}` of method {method!r} is not read with {now} (preset {preset!r}): it is read only "
-                f"when {used_when_text(cond)}. Drop `{f.name}` or set {used_when_text(cond)}."
-            )
-
-
 def resolve_preset(name: str, preset: str | None) -> Preset:
     """The :class:`Preset` ``preset`` of method ``name`` (``None``: the method's default)."""
     spec = get_method(name)
-    chosen = spec.default_preset if preset is None else preset
-    if chosen not in spec.presets:
-        raise ValueError(
-            f"Unknown preset {chosen!r} for method {name!r}; valid presets: {', '.join(sorted(spec.presets))}."
-        )
-    return spec.presets[chosen]
+    return pick_preset(spec.presets, spec.default_preset if preset is None else preset, f"method {name!r}")
 
 
 def make_config(name: str, preset: str | None = None, **overrides: Any):
@@ -157,20 +121,7 @@ def make_config(name: str, preset: str | None = None, **overrides: Any):
     on the config (``config_preset(config)``) so the edit records it.
     """
     spec = get_method(name)
-    p = resolve_preset(name, preset)
-    valid = {f.name for f in fields(spec.config_class)}
-    bad = sorted(set(overrides) - valid)
-    if bad:
-        raise ValueError(f"Unknown option(s) {bad} for method {name!r}; valid options: {sorted(valid)}.")
-    config = spec.config_class(**{**p.values, **overrides})
-    check_options_read(config, set(overrides), method=name, preset=p.name)
-    object.__setattr__(config, "_erasekit_preset", p.name)
-    return config
-
-
-def config_preset(config: Any) -> str | None:
-    """The preset a config was made from by :func:`make_config` (``None`` for a hand-built config)."""
-    return getattr(config, "_erasekit_preset", None)
+    return build_config(spec.config_class, overrides, owner=f"method {name!r}", preset=resolve_preset(name, preset))
 
 
 def preset_diff(name: str, preset: str) -> dict[str, Any]:
