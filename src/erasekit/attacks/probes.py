@@ -63,6 +63,8 @@ from erasekit.attacks.base import Attack, AttackContext, AttackOutput, register_
 from erasekit.eval.detectors import Detector, load_detector
 from erasekit.eval.generate import SamplingConfig, initial_latents
 from erasekit.eval.metrics import wilson_interval
+from erasekit.families import family_of
+from erasekit.pipeline import denoiser
 from erasekit.world.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -213,11 +215,10 @@ def real_image(
 
 @torch.no_grad()
 def encode_image(pipe: Any, image: np.ndarray) -> torch.Tensor:
-    """``z_0``: the VAE posterior mean of a uint8 image (H, W, 3), times the scaling factor: (1, C, h, w)."""
-    vae = pipe.vae
+    """``z_0``: the VAE posterior mean of a uint8 image (H, W, 3), normalised as the pipeline's denoiser reads
+    latents (SD 1.x/2.x/SDXL: times the scaling factor; SD3: shift, then scale): (1, C, h, w)."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    z = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
-    return (z * vae.config.scaling_factor).to(pipe.unet.dtype)
+    return family_of(pipe).image_latents(pipe, x)
 
 
 def latent_mask(mask: str, fraction: float, h: int, w: int) -> torch.Tensor:
@@ -256,36 +257,34 @@ def context_image(image: np.ndarray, mask: torch.Tensor) -> np.ndarray:
 
 
 def _guided(pipe: Any, guidance: float) -> bool:
-    return guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+    return family_of(pipe).sampler_guided(pipe, guidance)
 
 
-def _embeds(pipe: Any, prompts: list[str], cfg: bool) -> torch.Tensor:
-    device = pipe.unet.device
-    pos, neg = pipe.encode_prompt(prompts, device, 1, cfg, negative_prompt=None)
-    return torch.cat([neg, pos]) if cfg else pos
+def _embeds(pipe: Any, prompts: list[str], cfg: bool, height: int, width: int) -> dict[str, Any]:
+    return family_of(pipe).sampler_condition(pipe, prompts, cfg, height, width)
 
 
-def _scheduler(pipe: Any, steps: int) -> Any:
+def _scheduler(pipe: Any, steps: int, height: int, width: int) -> Any:
     sched = copy.deepcopy(pipe.scheduler)  # never touch the pipeline's own (stateful) scheduler
-    sched.set_timesteps(steps, device=pipe.unet.device)
+    extra = family_of(pipe).sampler_schedule_kwargs(pipe, height, width)
+    sched.set_timesteps(steps, device=denoiser(pipe).device, **extra)
     return sched
 
 
-def _unet_step(
-    pipe: Any, sched: Any, latents: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, g: float, cfg: bool, extra: dict
+def _add_noise(sched: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x0`` noised to ``t`` with ``noise``: DDPM/Euler ``add_noise``, or the flow's ``(1 - s) x0 + s eps``."""
+    if hasattr(sched, "add_noise"):
+        return sched.add_noise(x0, noise, t)
+    return sched.scale_noise(x0, t, noise)  # FlowMatchEulerDiscreteScheduler (SD3)
+
+
+def _denoise_step(
+    pipe: Any, sched: Any, latents: torch.Tensor, t: torch.Tensor, emb: dict[str, Any], g: float, cfg: bool, extra: dict
 ) -> torch.Tensor:
     x = torch.cat([latents] * 2) if cfg else latents
     if hasattr(sched, "scale_model_input"):
         x = sched.scale_model_input(x, t)
-    eps = pipe.unet(
-        x,
-        t,
-        encoder_hidden_states=emb,
-        timestep_cond=None,
-        cross_attention_kwargs=None,
-        added_cond_kwargs=None,
-        return_dict=False,
-    )[0]
+    eps = family_of(pipe).sampler_output(pipe, x, t, emb)
     if cfg:
         eps_u, eps_c = eps.chunk(2)
         eps = eps_u + g * (eps_c - eps_u)
@@ -293,17 +292,14 @@ def _unet_step(
 
 
 def _decode(pipe: Any, latents: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=None)[0]
-    image, nsfw = pipe.run_safety_checker(image, pipe.unet.device, dtype)
-    denorm = [True] * image.shape[0] if nsfw is None else [not x for x in nsfw]
-    image = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=denorm)
+    image = family_of(pipe).decode_latents(pipe, latents, dtype)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def probe_timesteps(pipe: Any, sampling: SamplingConfig | None = None) -> list[int]:
     """The sampler's timesteps ``t_0 > ... > t_{S-1}`` for ``sampling`` (the probes' levels index them)."""
     cfg = (sampling or SamplingConfig()).resolved(pipe)
-    return [int(t) for t in _scheduler(pipe, cfg.steps).timesteps]
+    return [int(t) for t in _scheduler(pipe, cfg.steps, cfg.height, cfg.width).timesteps]
 
 
 def start_index(level: float, steps: int) -> int:
@@ -352,30 +348,32 @@ def steered_images(
         batch_prompts, batch_seeds = prompts[sl], seeds[sl]
         n = len(batch_seeds)
         cfg_on = _guided(edited, g)
-        emb = _embeds(edited, batch_prompts, cfg_on)
-        emb_orig = _embeds(original, batch_prompts, _guided(original, g)) if k_orig > 0 else None
-        sched = _scheduler(edited, steps)
+        emb = _embeds(edited, batch_prompts, cfg_on, cfg.height, cfg.width)
+        emb_orig = _embeds(original, batch_prompts, _guided(original, g), cfg.height, cfg.width) if k_orig > 0 else None
+        sched = _scheduler(edited, steps, cfg.height, cfg.width)
         ts = sched.timesteps
         if k0 and hasattr(sched, "set_begin_index"):
             sched.set_begin_index(k0 * sched.order)
-        extra = edited.prepare_extra_step_kwargs(None, 0.0)
+        prep = getattr(edited, "prepare_extra_step_kwargs", None)  # SD3's pipeline passes the scheduler nothing
+        extra = prep(None, 0.0) if prep is not None else {}
         noise = initial_latents(edited, batch_seeds, cfg.height, cfg.width)
         x0 = None if z0 is None else (z0[sl] if z0.shape[0] > 1 else z0).to(noise).expand_as(noise)
-        if k0 == 0:
-            latents = noise * sched.init_noise_sigma
+        if k0 == 0:  # SD3's pipeline takes the latents as given: its flow scheduler has no init sigma
+            sigma = getattr(sched, "init_noise_sigma", None)
+            latents = noise if sigma is None else noise * sigma
         else:
-            latents = sched.add_noise(x0, noise, ts[k0 : k0 + 1].repeat(n))
+            latents = _add_noise(sched, x0, noise, ts[k0 : k0 + 1].repeat(n))
         mask = None if known_mask is None else known_mask.to(noise)
         for i in range(k0, len(ts)):
             t = ts[i]
             if i < k_orig:
-                latents = _unet_step(original, sched, latents, t, emb_orig, g, _guided(original, g), extra)
+                latents = _denoise_step(original, sched, latents, t, emb_orig, g, _guided(original, g), extra)
             else:
-                latents = _unet_step(edited, sched, latents, t, emb, g, cfg_on, extra)
+                latents = _denoise_step(edited, sched, latents, t, emb, g, cfg_on, extra)
             if mask is not None:
-                known = sched.add_noise(x0, noise, ts[i + 1 : i + 2].repeat(n)) if i + 1 < len(ts) else x0
+                known = _add_noise(sched, x0, noise, ts[i + 1 : i + 2].repeat(n)) if i + 1 < len(ts) else x0
                 latents = mask * latents + (1 - mask) * known
-        out.append(_decode(edited, latents, emb.dtype))
+        out.append(_decode(edited, latents, emb["encoder_hidden_states"].dtype))
     return np.concatenate(out) if out else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
 
 

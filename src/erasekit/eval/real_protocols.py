@@ -16,6 +16,11 @@ detector's name, version and thresholds, the prompt file's SHA-256 and the sampl
   erased and retained artists; ``lpips_d = lpips_e - lpips_u`` (RECE).
 * ``coco`` (AP Table 2 FID; RECE Table 1 CLIP and FID): CLIP score with the caption, and FID against
   the original model's images or a folder of reference images (e.g. COCO val2014).
+
+Every protocol runs on every model family (SD 1.x, 2.x, SDXL, SD3; ``erasekit.families.PROTOCOL_SUPPORT``):
+images come from the pipeline's own sampler (:func:`erasekit.eval.generate.generate_images`) and
+are scored by models of their own (ResNet-50, NudeNet, a CLIP checkpoint, LPIPS, Inception), never by
+the pipeline's text encoders, so nothing here depends on the family's tokenizers or conditioning.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from erasekit.eval.protocols import topk_table
 from erasekit.eval.real_detectors import EXPOSED_LABELS, NER_THRESHOLDS, PART_THRESHOLD, nudity_summary
 from erasekit.eval.registry import register_protocol
 from erasekit.eval.runtime import runtime_info
+from erasekit.families import check_protocol
 from erasekit.io import write_json_atomic
 
 DEFAULT_ARTIST_CLIP = "openai/clip-vit-base-patch32"  # AP's eval_artist.py
@@ -159,6 +165,7 @@ def imagenette(
     from ``seed``). ``classifier`` is any :class:`~erasekit.eval.detectors.Detector` with an
     ``imagenet`` head over the 1000 ImageNet classes (default :func:`load_resnet50`).
     """
+    check_protocol("imagenette", pipe)  # a family it does not run on: one clear error, nothing written
     out = _run_dir(out_dir)
     erased = list(dict.fromkeys(imagenette_class(c) for c in erase))
     preserved = (
@@ -233,6 +240,7 @@ def i2p(
     to ``out_dir/nudenet.jsonl`` so other thresholds need no re-run. ``detector`` defaults to
     :class:`~erasekit.eval.real_detectors.NudeNetDetector`.
     """
+    check_protocol("i2p", pipe)  # a family it does not run on: one clear error, nothing written
     if prompts is None:
         raise ValueError("The i2p protocol needs `prompts`: the I2P CSV (see docs/reproducing-sd14.md).")
     for t in (*thresholds, part_threshold):
@@ -311,6 +319,7 @@ def artists(
     ``reference_dir``; without either, LPIPS is skipped. ``clip``/``lpips``: an instance, a path/id
     (CLIP), ``"default"`` (CLIP ViT-B/32 as AP's script; official AlexNet LPIPS) or ``None`` (skip).
     """
+    check_protocol("artists", pipe)  # a family it does not run on: one clear error, nothing written
     if prompts is None:
         raise ValueError(
             "The artists protocol needs `prompts`: an ESD artist CSV (case_number, prompt, evaluation_seed, artist)."
@@ -438,6 +447,7 @@ def coco(
     FID Inception from the user's cache) or ``None`` to skip FID; ``clip`` as in ``artists``
     (default ViT-L/14, torchmetrics' CLIPScore default).
     """
+    check_protocol("coco", pipe)  # a family it does not run on: one clear error, nothing written
     if prompts is None:
         raise ValueError("The coco protocol needs `prompts`: a captions file (CSV, COCO JSON or one caption per line).")
     if reference_images is not None and (reference is not None or reference_dir is not None):

@@ -76,6 +76,11 @@ _ONE_ENCODER = "(not implemented for several text encoders)"
 ATTACK_SUPPORT: dict[str, dict[str, str | None]] = {
     "none": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
     "paraphrase": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
+    # the probes of erasekit.attacks.probes steer each family's own sampler through the adapter's
+    # sampler_* methods (byte for byte the pipeline's __call__ at the neutral level)
+    "noise": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
+    "inpaint": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
+    "completion": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
     "inversion": {
         "sd1": None,
         "sd2": None,
@@ -101,6 +106,31 @@ ATTACK_SUPPORT: dict[str, dict[str, str | None]] = {
         + _ONE_ENCODER,
     },
 }
+
+
+# real-model evaluation protocol (erasekit.eval.real_protocols) -> family -> None (runs) or why not.
+# Every one runs on every family: they sample through the pipeline's own __call__ and score the
+# images with detectors and CLIP/LPIPS/Inception models of their own, never the pipeline's encoders
+# (tests/test_family_protocols.py runs each on each family's tiny pipeline).
+PROTOCOL_SUPPORT: dict[str, dict[str, str | None]] = {
+    "imagenette": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
+    "i2p": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
+    "artists": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
+    "coco": {"sd1": None, "sd2": None, "sdxl": None, "sd3": None},
+}
+
+
+def check_protocol(name: str, pipe) -> FamilyAdapter:
+    """Refuse evaluation protocol ``name`` on ``pipe``'s family when it does not run there (naming family
+    and reason; :data:`PROTOCOL_SUPPORT`)."""
+    fam = family_of(pipe)
+    reason = PROTOCOL_SUPPORT.get(name, {}).get(fam.name)
+    if reason is not None:
+        ok = [f for f, r in PROTOCOL_SUPPORT[name].items() if r is None]
+        raise FamilyError(
+            f"Protocol {name!r} does not run on {fam.title} ({fam.name}): {reason}. It runs on: {', '.join(ok)}."
+        )
+    return fam
 
 
 def check_attack(name: str, pipe) -> FamilyAdapter:
@@ -168,12 +198,13 @@ def check_method(method: str, pipe) -> FamilyAdapter:
     return fam
 
 
-def support_table() -> str:
-    """The README's method x family table (markdown)."""
+def support_table(support: dict[str, dict[str, str | None]] | None = None, what: str = "method") -> str:
+    """A README x family table (markdown): :data:`SUPPORT` (methods) by default, or ``support``
+    (:data:`ATTACK_SUPPORT`, :data:`PROTOCOL_SUPPORT`) with ``what`` as the first column's title."""
     fams = list(FAMILIES)
-    head = "| method | " + " | ".join(fams) + " |\n|---|" + "---|" * len(fams) + "\n"
+    head = f"| {what} | " + " | ".join(fams) + " |\n|---|" + "---|" * len(fams) + "\n"
     rows = []
-    for m, by in SUPPORT.items():
+    for m, by in (SUPPORT if support is None else support).items():
         cells = ["yes" if by.get(f) is None else "no" for f in fams]
         rows.append(f"| `{m}` | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
@@ -185,8 +216,10 @@ __all__ = [
     "SUPPORT",
     "FamilyAdapter",
     "FamilyError",
+    "PROTOCOL_SUPPORT",
     "check_attack",
     "check_method",
+    "check_protocol",
     "family_for_class",
     "family_for_index",
     "family_named",

@@ -62,6 +62,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 # ESD-u as ESD's code selects it on a UNet (see erasekit.finetune.ESD_U_REGEX; repeated here so this
@@ -162,6 +163,53 @@ class FamilyAdapter:
     ) -> torch.Tensor:
         """The model's own output (eps, v or u) of ``model`` (the pipeline's denoiser or a copy of it)."""
         return model(**self.model_kwargs(pipe, z, t, cond)).sample
+
+    # ------------------------------------------------------------------ the pipeline's sampler, step by step
+    # What the pipeline's ``__call__`` does around one denoising step, for samplers that steer it (the
+    # probes of erasekit.attacks.probes): a loop over the scheduler's timesteps made of these reproduces
+    # ``pipe(prompt, latents=...)`` byte for byte (tests/test_family_protocols.py checks every family).
+    def sampler_guided(self, pipe, guidance: float) -> bool:
+        """Whether ``pipe.__call__`` runs classifier-free guidance at ``guidance`` (its ``do_classifier_free_guidance``)."""
+        return guidance > 1 and self.denoiser(pipe).config.time_cond_proj_dim is None
+
+    def sampler_condition(self, pipe, prompts: Sequence[str], guided: bool, height: int, width: int) -> dict[str, Any]:
+        """The denoiser's conditioning keywords as ``pipe.__call__`` builds them for ``prompts`` (empty
+        negative prompt): rows ``[unconditional; conditional]`` when ``guided``."""
+        pos, neg = pipe.encode_prompt(list(prompts), self.denoiser(pipe).device, 1, guided, negative_prompt=None)
+        return {"encoder_hidden_states": torch.cat([neg, pos]) if guided else pos, "added_cond_kwargs": None}
+
+    def sampler_output(self, pipe, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """One denoiser call of ``pipe.__call__`` on the (scheduler-scaled) latents ``x`` at step ``t``."""
+        net = self.denoiser(pipe)
+        return net(x, t, timestep_cond=None, cross_attention_kwargs=None, return_dict=False, **cond)[0]
+
+    def sampler_schedule_kwargs(self, pipe, height: int, width: int) -> dict[str, Any]:
+        """Extra keywords of ``scheduler.set_timesteps`` that ``pipe.__call__`` passes (none for UNet families)."""
+        return {}
+
+    def _vae_in(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        return latents / pipe.vae.config.scaling_factor
+
+    def _vae_out(self, pipe, z: torch.Tensor) -> torch.Tensor:
+        return z * pipe.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def image_latents(self, pipe, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images (B, 3, H, W) in [-1, 1]: the VAE posterior mean normalised as the denoiser reads
+        latents (the inverse of the pipeline's decoding), in the denoiser's dtype."""
+        vae = pipe.vae
+        z = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        return self._vae_out(pipe, z).to(self.denoiser(pipe).dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, pipe, latents: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+        """Images (B, H, W, 3) float in [0, 1] from final latents, as ``pipe.__call__`` decodes them
+        (SD: the safety checker where the pipeline has one; ``dtype`` is the prompt embeddings')."""
+        vae = pipe.vae
+        image = vae.decode(self._vae_in(pipe, latents), return_dict=False, generator=None)[0]
+        image, nsfw = pipe.run_safety_checker(image, self.denoiser(pipe).device, dtype)
+        denorm = [True] * image.shape[0] if nsfw is None else [not x for x in nsfw]
+        return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=denorm)
 
     # ------------------------------------------------------------------ K/V projections
     def kv_modules(self, pipe) -> dict[str, torch.nn.Module]:

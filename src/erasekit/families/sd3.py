@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from erasekit.families.base import FamilyAdapter, _rows
@@ -168,3 +169,61 @@ class SD3Adapter(FamilyAdapter):
         if bool((s >= 1).any()):
             raise ValueError("The flow velocity is not determined by eps at s = 1 (the pure-noise latent).")
         return (eps - z) / _rows(1 - s, eps)  # u = (eps - z_t) / (1 - s)
+
+    # ------------------------------------------------------------------ the pipeline's sampler, step by step
+    def sampler_guided(self, pipe, guidance: float) -> bool:
+        """``StableDiffusion3Pipeline``: guidance whenever the scale exceeds 1."""
+        return guidance > 1
+
+    def sampler_condition(self, pipe, prompts: Sequence[str], guided: bool, height: int, width: int) -> dict[str, Any]:
+        """``StableDiffusion3Pipeline.__call__``'s joint-attention context and pooled projections (the three
+        encoders read the same prompt; empty negative prompt), negative rows first when ``guided``."""
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.denoiser(pipe).device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            max_sequence_length=self.max_sequence_length,
+        )
+        if guided:
+            embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def sampler_output(self, pipe, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """The transformer call of ``StableDiffusion3Pipeline.__call__`` (the timestep expanded to the batch)."""
+        net = self.denoiser(pipe)
+        return net(
+            hidden_states=x, timestep=t.expand(x.shape[0]), joint_attention_kwargs=None, return_dict=False, **cond
+        )[0]
+
+    def sampler_schedule_kwargs(self, pipe, height: int, width: int) -> dict[str, Any]:
+        """``mu`` of the scheduler's dynamic shifting where it is on (SD3.5-style configs), as the pipeline computes it."""
+        cfg = pipe.scheduler.config
+        if not cfg.get("use_dynamic_shifting", None):
+            return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        p = self.denoiser(pipe).config.patch_size
+        seq = (height // pipe.vae_scale_factor // p) * (width // pipe.vae_scale_factor // p)
+        mu = calculate_shift(
+            seq,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.16),
+        )
+        return {"mu": mu}
+
+    def _vae_in(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+
+    def _vae_out(self, pipe, z: torch.Tensor) -> torch.Tensor:
+        return (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, pipe, latents: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+        """As ``StableDiffusion3Pipeline.__call__``: undo scaling and shift, decode (no safety checker)."""
+        image = pipe.vae.decode(self._vae_in(pipe, latents), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="np")

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from erasekit.families.base import FamilyAdapter
@@ -70,3 +71,64 @@ class SDXLAdapter(FamilyAdapter):
             "encoder_hidden_states": hidden,
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.time_ids(pipe, z)},
         }
+
+    # ------------------------------------------------------------------ the pipeline's sampler, step by step
+    def sampler_condition(self, pipe, prompts: Sequence[str], guided: bool, height: int, width: int) -> dict[str, Any]:
+        """``StableDiffusionXLPipeline.__call__``'s conditioning: both encoders' states, the pooled embedding
+        and the time ids ``(h, w, 0, 0, h, w)`` (original = target = the image size, no crop), with the
+        zero (or encoded ``""``) negative rows first when ``guided``."""
+        device = self.denoiser(pipe).device
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided
+        )
+        proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=embeds.dtype, text_encoder_projection_dim=proj
+        )
+        if guided:
+            embeds, pooled, ids = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled]), torch.cat([ids, ids])
+        return {
+            "encoder_hidden_states": embeds.to(device),
+            "added_cond_kwargs": {
+                "text_embeds": pooled.to(device),
+                "time_ids": ids.to(device).repeat(len(prompts), 1),
+            },
+        }
+
+    def _latent_stats(self, pipe, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        cfg = pipe.vae.config
+        if getattr(cfg, "latents_mean", None) is None or getattr(cfg, "latents_std", None) is None:
+            return None
+        c = latents.shape[1]
+        mean = torch.tensor(cfg.latents_mean).view(1, c, 1, 1).to(latents.device, latents.dtype)
+        return mean, torch.tensor(cfg.latents_std).view(1, c, 1, 1).to(latents.device, latents.dtype)
+
+    def _vae_in(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        stats = self._latent_stats(pipe, latents)
+        if stats is None:
+            return latents / pipe.vae.config.scaling_factor
+        return latents * stats[1] / pipe.vae.config.scaling_factor + stats[0]
+
+    def _vae_out(self, pipe, z: torch.Tensor) -> torch.Tensor:
+        stats = self._latent_stats(pipe, z)
+        if stats is None:
+            return z * pipe.vae.config.scaling_factor
+        return (z - stats[0]) * pipe.vae.config.scaling_factor / stats[1]
+
+    @torch.no_grad()
+    def decode_latents(self, pipe, latents: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+        """As ``StableDiffusionXLPipeline.__call__``: a float16 VAE with ``force_upcast`` decodes in float32
+        (SDXL's VAE overflows in float16), then the watermark where the pipeline has one."""
+        vae = pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            x = self._vae_in(pipe, latents.to(torch.float32) if upcast else latents)
+            image = vae.decode(x, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type="np")
