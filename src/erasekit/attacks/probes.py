@@ -35,8 +35,11 @@ Real images: on the miniature (a 32x32 sampler) a ShapesWorld render of the scen
 describes (object, colour, background, the fire motif); on real models an image folder
 (``images=DIR``: sorted files, image ``i mod n`` for prompt ``i``, centre-cropped and resized to
 the sampler's size). Everything else (seeds, batching, scheduler, guidance, decoding) follows
-``StableDiffusionPipeline.__call__`` step for step, so a probe at its neutral level gives exactly the
-bytes of :func:`erasekit.eval.generate.generate_images` (tested).
+the pipeline's own ``__call__`` step for step, so a probe at its neutral level gives exactly the
+bytes of :func:`erasekit.eval.generate.generate_images` (tested on every family). Every family runs
+the probes: what differs (SDXL's pooled embedding and time ids, SD3's transformer call, flow-matching
+noising ``(1 - s) z_0 + s eps`` and the VAE's shift factor) comes from the family adapter's sampler
+methods (:mod:`erasekit.families.base`).
 
 :func:`run_probes` runs each probe at several levels and reports ASR per level with counts, 95%
 Wilson intervals, the timestep ``t`` the edited model starts from (or takes over at), and the cost
@@ -252,7 +255,7 @@ def context_image(image: np.ndarray, mask: torch.Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# The steered sampler (StableDiffusionPipeline.__call__'s loop, with a start step, a per-step hook
+# The steered sampler (the pipeline's own __call__ loop, with a start step, a per-step hook
 # and a second model for the first steps)
 
 
