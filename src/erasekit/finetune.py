@@ -79,6 +79,7 @@ from erasekit.io import save_safetensors_atomic, write_json_atomic, write_text_a
 from erasekit.options import is_read
 from erasekit.pipeline import base_info
 from erasekit.rundir import ResumableDir, RunDir, RunDirMismatch
+from erasekit.runs import locked
 from erasekit.targets import select_parameters
 
 # ESD-u as ESD's code selects it: everything except cross-attention, the global time embedding MLP
@@ -91,6 +92,7 @@ ZT_PRODUCERS = ("exact", "batched", "pooled", "trained")
 ZtProducerName = Literal["exact", "batched", "pooled", "trained"]  # methods that redeclare the default use it
 
 TRAIN_DIR = "train"  # inside the run directory (RunDir.train_dir)
+TRAIN_LOCK = ".train.lock"  # in the run directory, held by finetune() for the whole run
 TRAIN_JSON = "train.json"
 LOG_JSONL = "log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -763,8 +765,25 @@ def finetune(
     """Fine-tune ``pipe``'s UNet with ``loss_fn`` (the shared loop; see the module docstring).
 
     The caller's pipeline is not modified. Returns the :class:`~erasekit.edit.Edit` of the trainable
-    parameters, with the step log and the method's trace in ``edit.trace``.
+    parameters, with the step log and the method's trace in ``edit.trace``. A ``run_dir``'s training
+    lock (``.train.lock``) is held for the whole run: a second training into it is refused, naming the
+    PID of the first (:class:`erasekit.runs.RunDirInUse`).
     """
+    if not config.run_dir:
+        return _finetune(pipe, request, config, loss_fn, method=method, generator=generator, progress=progress)
+    run_dir, existed = Path(config.run_dir), Path(config.run_dir).exists()
+    with locked(run_dir, TRAIN_LOCK):
+        try:
+            return _finetune(pipe, request, config, loss_fn, method=method, generator=generator, progress=progress)
+        except BaseException:
+            if not existed and [p.name for p in run_dir.iterdir()] == [TRAIN_LOCK]:  # refused before any write
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+
+def _finetune(
+    pipe, request: EraseRequest, config: FinetuneConfig, loss_fn: LossFunction, *, method: str, generator, progress
+) -> FinetuneResult:
     seed = effective_seed(config, generator)
     base = dict(base_info(pipe))
     identity = {

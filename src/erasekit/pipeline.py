@@ -120,7 +120,10 @@ def load_pipeline(
     v-prediction), ``StableDiffusionXLPipeline`` and ``StableDiffusion3Pipeline``, recognised from
     ``model_index.json``'s ``_class_name``; any other folder is refused with an error naming what it
     is. The pipeline remembers its base model (id, revision, weight fingerprint, family and
-    prediction type) so an :class:`~erasekit.edit.Edit` is applied only to the model it was made from.
+    prediction type, and ``dtype`` when it is not float32) so an :class:`~erasekit.edit.Edit` is applied
+    only to the model it was made from. ``revision`` (a hub branch, tag or commit) applies to a hub id
+    only: with ``"shapes"`` or a local folder it is refused rather than ignored. ``dtype`` is checked
+    against ``device`` (:func:`check_dtype`) before anything is loaded.
     """
     device = check_device(device)
     check_dtype(dtype, device)
@@ -130,6 +133,12 @@ def load_pipeline(
     sd_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
+    if revision is not None and (name in BUNDLED or Path(name).expanduser().exists()):
+        what = "the bundled miniature, which has one version" if name in BUNDLED else "a local folder"
+        raise ValueError(
+            f"`revision` (--revision) {revision!r} names a branch, tag or commit of a hub model, but `model` "
+            f"{name!r} is {what}: drop --revision, or pass a hub id."
+        )
     if name in BUNDLED:
         path = BUNDLED[name]
         if not (path / "model_index.json").exists():
@@ -196,6 +205,8 @@ def load_pipeline(
             "path": str(local) if local else None,
             "fingerprint": fingerprint(pipe),
             **fam.describe(pipe),
+            # the dtype the fingerprint was taken at (absent for float32): an edit applies at this dtype
+            **({"dtype": str(dtype).removeprefix("torch.")} if dtype not in (None, torch.float32) else {}),
         },
     )
     return pipe

@@ -8,20 +8,24 @@ from typing import Annotated
 
 import typer
 
-from erasekit import Edit, load_pipeline
+from erasekit import Edit
 from erasekit.analysis import ClipScorer, DiffConfig, SpectrumConfig, run_diff, run_graph, run_spectra
 from erasekit.analysis.spectrum import json_safe
 from erasekit.cli.common import (
     App,
     ClipOpt,
     ConceptsOpt,
+    DtypeOpt,
     GuidanceOpt,
     ModelOpt,
+    RevisionOpt,
     StepsOpt,
     VocabularyOpt,
+    check_runtime,
     concepts_from,
     config_from,
     edits_from,
+    load_model,
     out_dir,
     record,
 )
@@ -42,6 +46,8 @@ def analyze_spectrum(
     concepts: ConceptsOpt = None,
     vocabulary: VocabularyOpt = None,
     model: ModelOpt = "shapes",
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = None,
     clip: ClipOpt = "shapes",
     n_seeds: Annotated[int | None, typer.Option("--n-seeds", "-k", help="k: images per concept and model (8).")] = None,
     first_seed: Annotated[int | None, typer.Option(help="Seeds are first_seed .. first_seed + k - 1 (0).")] = None,
@@ -66,12 +72,24 @@ def analyze_spectrum(
         guidance_scale=guidance,
         batch_size=batch_size,
     )
+    check_runtime(dtype, device)
     edits = edits_from(edit)
-    pipe = load_pipeline(model, device=device)
+    pipe = load_model(model, dtype=dtype, device=device, revision=revision, for_edits=edits.values())
     names = concepts_from(concepts, vocabulary, pipe)
     scorer = ClipScorer.from_pretrained(clip, device=device)
     spectra = run_spectra(pipe, edits, names, scorer, cfg, out, top=top)
-    record(out, "analyze-spectrum", model=model, edits=edit, clip=clip, vocabulary=vocabulary, concepts=names, top=top)
+    record(
+        out,
+        "analyze-spectrum",
+        model=model,
+        revision=revision,
+        dtype=dtype,
+        edits=edit,
+        clip=clip,
+        vocabulary=vocabulary,
+        concepts=names,
+        top=top,
+    )
     summary = {label: s.summary() for label, s in spectra.items()}
     typer.echo(json.dumps(json_safe(summary), indent=2))
     typer.echo(f"spectra, plots and spectrum.html in {out}")
@@ -89,6 +107,8 @@ def analyze_graph(
     concepts: ConceptsOpt = None,
     vocabulary: VocabularyOpt = None,
     model: ModelOpt = "shapes",
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = None,
     clip: ClipOpt = "shapes",
     distance: Annotated[
         str, typer.Option(help="Text space of the distances d(c_i, c_e): clip or text-encoder (the model's).")
@@ -122,8 +142,9 @@ def analyze_graph(
         guidance_scale=guidance,
         batch_size=batch_size,
     )
+    check_runtime(dtype, device)
     edits = edits_from(edit)
-    pipe = load_pipeline(model, device=device)
+    pipe = load_model(model, dtype=dtype, device=device, revision=revision, for_edits=edits.values())
     names = concepts_from(concepts, vocabulary, pipe)
     scorer = ClipScorer.from_pretrained(clip, device=device)
     source = pipe if distance == "text-encoder" else None
@@ -132,6 +153,8 @@ def analyze_graph(
         out,
         "analyze-graph",
         model=model,
+        revision=revision,
+        dtype=dtype,
         edits=edit,
         clip=clip,
         distance=distance,
@@ -154,6 +177,8 @@ def analyze_diff(
     concepts: ConceptsOpt = None,
     vocabulary: VocabularyOpt = None,
     model: ModelOpt = "shapes",
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = None,
     lam: Annotated[float | None, typer.Option(help="lambda of eq. 19: weight of the change of c_t (1.0).")] = None,
     changed: Annotated[
         str | None, typer.Option(help="c_e, the changed concept (default: the edit's first erased).")
@@ -189,8 +214,10 @@ def analyze_diff(
         batch_size=batch_size,
     )
     seeds = parse_seeds(image_seeds) if image_seeds.strip() else []
-    edited = Edit.load(edit) if edit is not None else load_pipeline(edited_model, device=device)
-    pipe = load_pipeline(model, device=device)
+    check_runtime(dtype, device)
+    edited = Edit.load(edit) if edit is not None else load_model(edited_model, dtype=dtype, device=device)
+    others = [edited] if isinstance(edited, Edit) else []
+    pipe = load_model(model, dtype=dtype, device=device, revision=revision, for_edits=others)
     space = concepts_from(concepts, vocabulary, pipe)
     result = run_diff(
         pipe, edited, space, cfg, out, top=top, image_seeds=seeds, sampling=SamplingConfig(steps, guidance)
@@ -199,6 +226,8 @@ def analyze_diff(
         out,
         "analyze-diff",
         model=model,
+        revision=revision,
+        dtype=dtype,
         edit=str(edit) if edit else None,
         edited_model=edited_model,
         concepts=space,

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from erasekit import Edit, load_pipeline
+from erasekit import Edit
 from erasekit.attacks.asr import DEFAULT_ATTACKS, run_attacks
-from erasekit.cli.common import ModelOpt, out_dir, split_list
+from erasekit.cli.common import DtypeOpt, ModelOpt, RevisionOpt, check_runtime, load_model, out_dir, split_list
 from erasekit.rundir import RunDir
 
 
@@ -22,6 +22,8 @@ def attack(
     ] = None,
     prompts: Annotated[Path | None, typer.Option(help="A text file of prompts to attack, one per line.")] = None,
     model: ModelOpt = "shapes",
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = None,
     n_images: Annotated[int, typer.Option(help="Images per attacked prompt.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[
@@ -32,6 +34,7 @@ def attack(
     ] = None,
 ) -> None:
     """Red-team an edit: run attacks that try to bring the erased concept back; print ASR and cost."""
+    check_runtime(dtype, "cpu")
     if out is None and RunDir.is_run(edit):
         out = RunDir.open(edit).path / "attacks"  # each attack in RUN/attacks/<name>/ (RunDir.attack_dir)
     texts = None
@@ -39,8 +42,9 @@ def attack(
         if not prompts.exists():
             raise FileNotFoundError(f"`--prompts` file {str(prompts)!r} does not exist.")
         texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-    original = load_pipeline(model)
-    edited = Edit.load(edit).apply_(load_pipeline(model))
+    the_edit = Edit.load(edit)
+    original = load_model(model, dtype=dtype, revision=revision, for_edits=[the_edit])
+    edited = load_model(model, the_edit, dtype=dtype, revision=revision)
     res = run_attacks(
         edited,
         original,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import click
+import torch
 import typer
 from safetensors import SafetensorError
 
@@ -15,7 +16,7 @@ from erasekit import Edit, __version__, load_pipeline
 from erasekit.concepts import load_vocabulary
 from erasekit.eval.runtime import configure_pipeline, default_device
 from erasekit.io import write_json_atomic
-from erasekit.pipeline import word_pieces
+from erasekit.pipeline import check_device, check_dtype, denoiser, word_pieces
 
 
 class App(typer.Typer):
@@ -53,11 +54,24 @@ ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="'shapes' (bundled miniature), a diffusers folder, or a hub id.")
 ]
 
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision", help="Hub model: the branch, tag or commit of --model to load (default: main; not for a folder)."
+    ),
+]
+
 EditOpt = Annotated[Path | None, typer.Option("--edit", help="A run directory (or edit folder) whose edit to apply.")]
 # memory and speed switches (erasekit.eval.runtime.configure_pipeline)
 
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 DtypeOpt = Annotated[
-    str | None, typer.Option(help="float32, float16 or bfloat16 (default: float32; the edit is applied first).")
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="Weight dtype: float32, float16 or bfloat16 (default: float32; an --edit is applied before the cast).",
+    ),
 ]
 
 DeviceOpt = Annotated[
@@ -128,19 +142,74 @@ def fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def load_edited(model: str, edit: Path | None, device: str = "cpu"):
+def dtype_of(value: str | torch.dtype | None) -> torch.dtype | None:
+    """A ``--dtype`` value (``float32``, ``float16``, ``bfloat16``) as a torch dtype; ``None`` stays ``None``."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"`--dtype {value}` is not a weight dtype EraseKit runs; use float32, float16 or bfloat16.")
+    return DTYPES[value]
 
-    pipe = load_pipeline(model, device=device)
-    if edit is not None:
-        Edit.load(edit).apply_(pipe)
+
+def check_runtime(dtype: str | None, device: str | None) -> tuple[torch.dtype | None, torch.device]:
+    """``--dtype`` and ``--device`` parsed and checked together (a dtype the device cannot run is refused),
+    before anything is loaded or written."""
+    dt, dev = dtype_of(dtype), check_device(default_device(device))
+    check_dtype(dt, dev)
+    return dt, dev
+
+
+def load_model(
+    model: str,
+    edit: Path | Edit | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = "cpu",
+    revision: str | None = None,
+    for_edits: Iterable[Edit] = (),
+):
+    """Load ``model`` (at ``revision``, a hub id's branch, tag or commit) on ``device`` in ``dtype``, with
+    ``edit`` applied.
+
+    An edit's base fingerprint is taken at the dtype it was made at (float32 unless ``erase --dtype``
+    made it), so the model is loaded at that dtype, ``edit`` is applied, and only then is the pipeline
+    cast to ``dtype``; ``for_edits`` are edits the caller applies later (their dtype counts the same
+    way). Without edits the model is loaded in ``dtype`` directly. A dtype the device cannot run is
+    refused before anything is loaded.
+    """
+    dt = dtype_of(dtype)
+    dev = check_device(default_device(None if device is None else str(device)))
+    check_dtype(dt, dev)
+    the_edit = edit if edit is None or isinstance(edit, Edit) else Edit.load(edit)
+    edits = [e for e in (the_edit, *for_edits) if e is not None]
+    if not edits:
+        return load_pipeline(model, device=dev, dtype=dt, revision=revision)
+    made_at = {dtype_of(e.base.get("dtype")) or torch.float32 for e in edits}
+    if len(made_at) > 1:
+        raise ValueError(
+            f"The edits were made at different dtypes ({', '.join(sorted(str(d) for d in made_at))}); "
+            "analyse edits of one dtype together."
+        )
+    base_dtype = made_at.pop()
+    pipe = load_pipeline(
+        model, device=dev, dtype=None if base_dtype == torch.float32 else base_dtype, revision=revision
+    )
+    if the_edit is not None:
+        the_edit.apply_(pipe)
+    if dt is not None and denoiser(pipe).dtype != dt:
+        configure_pipeline(pipe, dt)  # the base info keeps the fingerprint the edits are checked against
     return pipe
 
 
-def load_configured(model: str, edit: Path | None, dtype, device, attention_slicing, no_sdpa, scheduler):
-    """Load ``model``, apply ``edit`` in float32, then cast/move it and pick its attention and sampler."""
-    pipe = load_edited(model, edit)
+def load_configured(
+    model: str, edit: Path | None, dtype, device, attention_slicing, no_sdpa, scheduler, revision: str | None = None
+):
+    """Load ``model``, apply ``edit`` at its own dtype (:func:`load_model`), then cast/move it and pick its
+    attention and sampler."""
+    dt, dev = check_runtime(dtype, device)
+    pipe = load_model(model, edit, device="cpu", revision=revision)
     sdpa = False if no_sdpa else None
-    return configure_pipeline(pipe, dtype, attention_slicing, default_device(device), sdpa=sdpa, scheduler=scheduler)
+    return configure_pipeline(pipe, dt, attention_slicing, dev, sdpa=sdpa, scheduler=scheduler)
 
 
 def config_from(cls, **values):

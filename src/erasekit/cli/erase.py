@@ -11,9 +11,21 @@ from typing import Annotated
 import typer
 
 from erasekit import Edit, EraseRequest, available_methods, get_method, load_pipeline
-from erasekit.cli.common import DeviceOpt, ModelOpt, config_from, out_dir, split_list, warn_split_words
+from erasekit.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    RevisionOpt,
+    check_runtime,
+    config_from,
+    load_model,
+    out_dir,
+    split_list,
+    warn_split_words,
+)
 from erasekit.eval.generate import parse_seeds
-from erasekit.eval.runtime import default_device
+from erasekit.families.memory import OPTIMIZERS, MemoryOptions, check_applies, set_memory_options
+from erasekit.finetune import FinetuneConfig
 from erasekit.methods.base import erase as erasekit_erase
 from erasekit.methods.base import field_default, make_config, preset_diff, used_when_text
 from erasekit.methods.hide import KEY_META, RecoverConfig, RecoveryKey, check_key_dir
@@ -64,12 +76,35 @@ def erase(
         typer.Option(help="Seed of the method's random draws: its `seed` option (same as --set seed=N; default 0)."),
     ] = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing",
+            help="Fine-tuned methods: recompute the denoiser's activations in the backward pass (less memory).",
+        ),
+    ] = False,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Fine-tuned methods: {' or '.join(OPTIMIZERS)} (8-bit Adam needs bitsandbytes; default adam)."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty run directory.")] = False,
     report: Annotated[bool, typer.Option(help="Also write RUN/report.html (before/after images, traces).")] = False,
     report_seeds: Annotated[str, typer.Option(help="Seeds of the report's before/after grids.")] = "0:6",
 ) -> None:
-    """Erase concepts from a model and save the edit as a run directory."""
+    """Erase concepts from a model and save the edit as a run directory.
+
+    --dtype bfloat16/float16 loads half-precision weights (fine-tuning keeps fp32 master copies of the
+    trained tensors); --gradient-checkpointing and --optimizer (erasekit.families.memory) apply to the
+    fine-tuned methods only."""
     spec = get_method(method)
+    memory = MemoryOptions(gradient_checkpointing=gradient_checkpointing, optimizer=optimizer or "adam")
+    fine_tuned = [m for m, s in available_methods().items() if issubclass(s.config_class, FinetuneConfig)]
+    check_applies(memory, method, fine_tuned, given=["optimizer"] if optimizer is not None else [])
+    dt, dev = check_runtime(dtype, device)  # a dtype the device cannot run: refused before the (long) load
     if report:  # parsed before the (long) erase, so a bad value fails first
         try:
             grid_seeds = parse_seeds(report_seeds)
@@ -84,14 +119,21 @@ def erase(
     config = make_config(method, preset, **overrides)
     if getattr(config, "key_dir", None):  # hiding: the secret key must not be lost nor shipped
         check_key_dir(config.key_dir, out)
-    pipe = load_pipeline(model, device=default_device(device))
+    pipe = load_pipeline(model, device=dev, dtype=dt, revision=revision)
+    set_memory_options(pipe, **asdict(memory))
     warn_split_words(pipe, request.erase + request.preserve)
+    base = base_info(pipe)
     identity = {
         "method": method,
         "config": config_settings(config),
         "request": asdict(request),
-        "base": {k: base_info(pipe).get(k) for k in ("id", "fingerprint")},
+        "base": {"id": base.get("id"), "fingerprint": base.get("fingerprint")},
     }
+    for k in ("revision", "dtype"):  # only when given, so that runs made without them keep their identity
+        if base.get(k):
+            identity["base"][k] = base[k]
+    if memory.identity():  # 8-bit Adam changes the result (checkpointing does not)
+        identity["memory"] = memory.identity()
     with run_dir(out, overwrite=overwrite) as d:
         rd = RunDir.create(d, identity, force=overwrite)
         t0 = time.time()
@@ -143,6 +185,8 @@ def recover(
         Path | None, typer.Option(help="Start from this recovery key's prompts (projected into the ball).")
     ] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a recovery key already in --out.")] = False,
 ) -> None:
     """Recover a hidden concept's prompt from an edit (knowledge hiding stage 2, slides eq. 16).
@@ -166,11 +210,19 @@ def recover(
         )
     if (out / KEY_META).exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} already holds a recovery key; pass --overwrite or choose another --out.")
+    check_runtime(dtype, device)
     the_edit = Edit.load(edit)
-    pipe = load_pipeline(model, device=device)
+    pipe = load_model(model, dtype=dtype, device=device, revision=revision)
     start = RecoveryKey.load(init, edit=the_edit, pipe=pipe) if init is not None else None
     key = run(pipe, the_edit, cfg, concepts=split_list(concept) or None, init=start)
-    config = {"recover": asdict(cfg), "edit": str(edit), "model": model, "init": str(init) if init else None}
+    config = {
+        "recover": asdict(cfg),
+        "edit": str(edit),
+        "model": model,
+        "revision": revision,
+        "dtype": dtype,
+        "init": str(init) if init else None,
+    }
     key = replace(key, meta={**key.meta, "config": config})
     key.save(out)
     dist = key.meta["distance_from_concept"]

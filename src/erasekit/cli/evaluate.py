@@ -22,10 +22,12 @@ from erasekit.cli.common import (
     LimitOpt,
     ModelOpt,
     NoSdpaOpt,
+    RevisionOpt,
     SchedulerOpt,
     SlicingOpt,
     StepsOpt,
     WidthOpt,
+    check_runtime,
     load_configured,
     record,
     split_list,
@@ -44,6 +46,7 @@ def evaluate(
         str, typer.Option(help="Evaluation protocol: shapes-objects, imagenette, i2p, artists, coco.")
     ] = "shapes-objects",
     model: ModelOpt = "shapes",
+    revision: RevisionOpt = None,
     edit: EditOpt = None,
     erase: Annotated[
         list[str] | None, typer.Option("--erase", "-e", help="Erased concepts (default: the edit's).")
@@ -125,6 +128,12 @@ def evaluate(
     for name, (flag, value) in options.items():
         if value is not None and name not in accepts:
             raise ValueError(f"{flag} does not apply to protocol {protocol!r}.")
+    for flag, value, low in (("--n-per-class", n_per_class, 1), ("--limit", limit, 1), ("--n-samples", n_samples, 1),
+                             ("--seed", seed, 0)):  # fmt: skip
+        if value is not None and value < low:
+            raise ValueError(f"`{flag}` must be >= {low}, got {value}.")
+    sampling = SamplingConfig(steps, guidance, batch_size, height, width)  # checked before anything is loaded
+    dt, dev = check_runtime(dtype, device)
     kwargs = {name: value for name, (_, value) in options.items() if value is not None}
     if "erase" in accepts and "erase" not in kwargs and edit is not None:
         kwargs["erase"] = Edit.load(edit).request.erase
@@ -134,12 +143,11 @@ def evaluate(
     dev = default_device(device)
     if "device" in accepts:  # where the protocol's scorers run
         kwargs["device"] = dev
-    pipe = load_configured(model, edit, dtype, device, attention_slicing, no_sdpa, scheduler)
+    pipe = load_configured(model, edit, dtype, device, attention_slicing, no_sdpa, scheduler, revision=revision)
     if reference_model is not None:
         ref = load_pipeline(reference_model)
         sdpa = False if no_sdpa else None
-        kwargs["reference"] = configure_pipeline(ref, dtype, attention_slicing, dev, sdpa=sdpa, scheduler=scheduler)
-    sampling = SamplingConfig(steps, guidance, batch_size, height, width)
+        kwargs["reference"] = configure_pipeline(ref, dt, attention_slicing, dev, sdpa=sdpa, scheduler=scheduler)
     out_dir = out  # the generation folder: images/, index.jsonl (and the metrics.json beside them)
     res = run(pipe, protocol, out_dir=out_dir, sampling=sampling, **kwargs)
     if out:
@@ -149,6 +157,7 @@ def evaluate(
             "evaluate",
             protocol=protocol,
             model=model,
+            revision=revision,
             edit=str(edit) if edit else None,
             reference_model=reference_model,
             options=recorded,

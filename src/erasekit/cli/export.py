@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from erasekit import Edit, load_pipeline
-from erasekit.cli.common import out_dir
+from erasekit import Edit
+from erasekit.cli.common import DtypeOpt, check_runtime, load_model, out_dir
 from erasekit.export import format_report
 from erasekit.export import push_to_hub as push
 from erasekit.pipeline import BUNDLED
@@ -21,6 +21,11 @@ def export_cmd(
     ],
     format: Annotated[str, typer.Option("--format", "-f", help="diffusers, lora, kohya or unet.")] = "diffusers",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Base model (default: the edit's own).")] = None,
+    revision: Annotated[
+        str | None,
+        typer.Option("--revision", help="Hub base model: its branch, tag or commit (default: the edit's own)."),
+    ] = None,
+    dtype: DtypeOpt = None,
     rank: Annotated[
         str | None, typer.Option(help="lora/kohya: LoRA rank, an integer or 'full' (default: full, exact).")
     ] = None,
@@ -42,7 +47,10 @@ def export_cmd(
 ) -> None:
     """Export an edit: a diffusers pipeline folder, a LoRA stock diffusers loads, a kohya LoRA file
     (A1111 / ComfyUI) or a UNet folder, each with a README.md model card and export.json."""
+    check_runtime(dtype, "cpu")
     edit = Edit.load(run)
+    if model is None and revision is None:  # the edit's own base, at the revision it was made from
+        revision = edit.base.get("revision")
     base = model or (
         edit.base.get("id") if edit.base.get("id") in BUNDLED else edit.base.get("path") or edit.base.get("id")
     )
@@ -52,7 +60,7 @@ def export_cmd(
         rank_value: int | str | None = int(rank)
     else:
         rank_value = rank
-    pipe = load_pipeline(base)
+    pipe = load_model(base, dtype=dtype, revision=revision, for_edits=[edit])
     res = edit.export(
         pipe,
         out,

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from erasekit import Edit, load_pipeline
+from erasekit import Edit
 from erasekit.cli.common import (
     CategoryOpt,
     DeviceOpt,
@@ -22,10 +22,13 @@ from erasekit.cli.common import (
     LimitOpt,
     ModelOpt,
     NoSdpaOpt,
+    RevisionOpt,
     SchedulerOpt,
     SlicingOpt,
     StepsOpt,
     WidthOpt,
+    check_runtime,
+    load_model,
     out_dir,
     split_list,
 )
@@ -49,6 +52,7 @@ def generate(
     ] = "lines",
     seeds: Annotated[str, typer.Option(help="lines / --prompt: seeds for every prompt, '0:10' or '1,5,7'.")] = "0:4",
     model: ModelOpt = "shapes",
+    revision: RevisionOpt = None,
     edit: EditOpt = None,
     recovery_key: Annotated[
         Path | None, typer.Option(help="A recovery key (erasekit recover / method hide) of --edit: generate with it.")
@@ -100,6 +104,7 @@ def generate(
     if not items:
         raise ValueError(f"No prompts: pass --prompt TEXT (repeatable) or --prompts FILE (--protocol {protocol}).")
     sampling = SamplingConfig(steps, guidance, batch_size, height, width)
+    check_runtime(dtype, device)  # before anything is loaded or written
     runtime = dict(
         dtype=dtype, device=device, attention_slicing=attention_slicing, no_sdpa=no_sdpa, scheduler=scheduler
     )
@@ -118,8 +123,10 @@ def generate(
             scheduler=scheduler,
             progress=not quiet,
             extra=extra,
+            revision=revision,
         )
     else:
+        runtime["revision"] = revision
         records = _generate_with_key(model, edit, recovery_key, items, out, sampling, runtime, not quiet, extra)
     if records is not None:  # rank 0 (or the only process)
         typer.echo(f"{len(records)} images in {out} (index: {out / 'index.jsonl'})")
@@ -134,8 +141,8 @@ def _generate_with_key(model, edit, key_path, items, out: Path, sampling, runtim
         raise ValueError("Generation with --recovery-key runs in one process; run it without `accelerate launch`.")
     if any(it.meta.get("guidance_scale") is not None for it in items):
         raise ValueError("--guidance-from-file cannot be combined with --recovery-key (one guidance scale for all).")
-    pipe = load_pipeline(model)
     the_edit = Edit.load(edit)
+    pipe = load_model(model, revision=runtime["revision"], for_edits=[the_edit])  # at the edit's dtype
     key = RecoveryKey.load(key_path, edit=the_edit, pipe=pipe)  # refuses a key made for another edit or base
     the_edit.apply_(pipe)
     sdpa = False if runtime["no_sdpa"] else None

@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from erasekit import load_pipeline
-from erasekit.cli.common import App, ModelOpt
+from erasekit.cli.common import App, DtypeOpt, ModelOpt, RevisionOpt, load_model
 from erasekit.html import image_grid
 from erasekit.pipeline import bundled_path
 from erasekit.runs import parse_overrides
@@ -68,11 +67,13 @@ def world_train_clip(
 @app.command("check")
 def world_check(
     model: ModelOpt = "shapes",
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = None,
     n: Annotated[int, typer.Option(help="Images per concept.")] = 50,
     save: Annotated[bool, typer.Option(help="Store the result beside a local model's card.")] = False,
 ) -> None:
     """Detector accuracy on the model's own generations, per object, colour, style and unsafe phrasing."""
-    pipe = load_pipeline(model)
+    pipe = load_model(model, dtype=dtype, revision=revision)
     res = check_world(pipe, n_per_concept=n)
     if save:
         save_check(bundled_path() if model == "shapes" else Path(model), res)

@@ -43,15 +43,16 @@ from erasekit.eval.generate import (
     INDEX,
     PromptItem,
     SamplingConfig,
+    check_items,
     generate_images,
     generate_locked,
     generation_folder,
     parse_seeds,
     write_batch,
 )
-from erasekit.eval.runtime import configure_pipeline, default_device, runtime_info
+from erasekit.eval.runtime import configure_pipeline, default_device, parse_dtype, runtime_info
 from erasekit.io import write_json_atomic
-from erasekit.pipeline import base_info, load_pipeline
+from erasekit.pipeline import base_info, check_device, check_dtype, load_pipeline
 from erasekit.rundir import ResumableDir, shard_name
 
 BARRIER_HOURS = 48  # how long finished processes wait for the others before giving up
@@ -119,15 +120,17 @@ def generate_items(
     """
     out = Path(out_dir)
     cfg = (config or SamplingConfig()).resolved(pipe)
-    uniq = unique_items(items)
+    uniq = unique_items(check_items(items))
     own = [it.meta.get("guidance_scale") is not None for it in uniq]
     per_item = any(own)
     if per_item and not all(own):
         raise ValueError("Either every item or none carries its own `guidance_scale`; got a mix.")
+    for it in uniq if per_item else []:  # each scale checked before the folder is written
+        SamplingConfig(guidance_scale=_number(it.meta["guidance_scale"], it))
     # refuse a directory made with other weights or sampler settings even when nothing is left to do;
     # with per-item scales the directory records guidance None (generate() would refuse differing scales)
+    mine = chunks_for_rank(uniq, cfg.batch_size, rank, world_size)  # checks rank and world_size: before any write
     folder = generation_folder(out, pipe, replace(cfg, guidance_scale=None) if per_item else cfg)
-    mine = chunks_for_rank(uniq, cfg.batch_size, rank, world_size)
     index_name = INDEX if world_size == 1 else shard_index_name(rank)
     with folder.lock(f"{index_name}.lock"):  # the whole run: a second writer is refused, never interleaved
         done = done_records(out)
@@ -154,6 +157,13 @@ def generate_items(
             bar.update(len(chunk))
         bar.close()
     return made
+
+
+def _number(value: Any, item: PromptItem) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"The `guidance_scale` of {item!r} must be a number, got {value!r}.") from None
 
 
 def merge_index(out_dir: str | Path, items: Sequence[PromptItem] | None = None) -> list[dict[str, Any]]:
@@ -248,14 +258,20 @@ def launch_generation(
     scheduler: str | None = None,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
+    revision: str | None = None,
 ) -> list[dict[str, Any]] | None:
-    """Load ``model`` (+ ``edit``) in every process of the current launch and generate ``items``.
+    """Load ``model`` (at ``revision``, for a hub id) + ``edit`` in every process of the current launch and
+    generate ``items``.
 
-    ``device=None`` gives each process its own accelerator (``cuda:{local rank}``), else the CPU.
-    The edit is applied in float32 before any ``dtype`` cast (its base-model check compares float32
-    weights). Rank 0 returns the merged records and writes ``out_dir/launch.json`` (model, sampling,
-    runtime, number of processes, ``extra``); the other ranks return ``None``.
+    ``device=None`` gives each process its own accelerator (``cuda:{local rank}``), else the CPU; a
+    device that is not here, or a ``dtype`` it cannot run, is refused before anything is loaded or
+    written. The edit is applied at the dtype it was made at (float32 unless ``erase --dtype`` made
+    it: its base-model check compares the weights at that dtype), before any ``dtype`` cast. Rank 0
+    returns the merged records and writes ``out_dir/launch.json`` (model, sampling, runtime, number
+    of processes, ``extra``); the other ranks return ``None``.
     """
+    check_dtype(parse_dtype(dtype), check_device(default_device(device)))
+    the_edit = Edit.load(edit) if edit is not None else None
     cpu = default_device(device) == "cpu"  # the one default of every command: the GPU if any, else cpu
     # a long barrier timeout: on resume one process may have much more left to do than the others
     state = PartialState(cpu=cpu, timeout=_dt.timedelta(hours=BARRIER_HOURS))
@@ -264,9 +280,9 @@ def launch_generation(
             f"`device` {device!r} would put every process on one device; use 'cuda' (one GPU per process)."
         )
     target = "cpu" if cpu else (device if device and device != "cuda" else state.device)
-    pipe = load_pipeline(model)
-    if edit is not None:
-        Edit.load(edit).apply_(pipe)
+    pipe = load_pipeline(model, dtype=parse_dtype(the_edit.base.get("dtype")) if the_edit else None, revision=revision)
+    if the_edit is not None:
+        the_edit.apply_(pipe)
     configure_pipeline(pipe, dtype, attention_slicing, target, sdpa=sdpa, scheduler=scheduler)
     records = generate_distributed(pipe, items, out_dir, config, state=state, progress=progress)
     if records is not None:

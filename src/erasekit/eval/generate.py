@@ -179,6 +179,20 @@ def parse_seeds(seeds: str) -> list[int]:
     return out
 
 
+def check_items(items: Iterable[PromptItem]) -> list[PromptItem]:
+    """``items`` as a list, each checked (a :class:`PromptItem` with a text prompt and a seed in
+    [0, 2**63)) before a generation folder is written: a bad one is refused naming it, and nothing is written."""
+    out = list(items)
+    for it in out:
+        if not isinstance(it, PromptItem):
+            raise TypeError(f"Generation items must be PromptItem(prompt, seed), got {type(it).__name__}: {it!r}.")
+        if not isinstance(it.prompt, str):
+            raise TypeError(f"The prompt of {it!r} must be a string, got {type(it.prompt).__name__}.")
+        if isinstance(it.seed, bool) or not isinstance(it.seed, int) or not 0 <= it.seed < 2**63:
+            raise ValueError(f"The seed of {it!r} must be an integer in [0, 2**63), got {it.seed!r}.")
+    return out
+
+
 def read_index(run_dir: str | Path, name: str = INDEX) -> list[dict[str, Any]]:
     """Records of ``index.jsonl`` (or the index file ``name``) whose image file exists (a crash
     mid-batch leaves none dangling; a last line cut short by a crash is ignored, and the next
@@ -209,12 +223,13 @@ def generate(
     ``recorded_batch_size`` is the batch size ``generation.json`` records (default: the config's; the
     distributed path records its chunk size while it samples a shorter last chunk). The index file
     is locked while this call writes it: a second writer gets a clear error, never a mixed index.
+    Every argument is checked before ``generation.json`` is written.
     """
     out = Path(out_dir)
     cfg = (config or SamplingConfig()).resolved(pipe)
     if prompt_embeds_fn is not None and conditioning is None:
         raise ValueError("`prompt_embeds_fn` needs `conditioning`: a description recorded in generation.json.")
-    items = list(items)
+    items = check_items(items)  # every check before generation_folder writes generation.json
     bs = cfg.batch_size if recorded_batch_size is None else recorded_batch_size
     folder = generation_folder(out, pipe, replace(cfg, batch_size=bs), conditioning)
     with folder.lock(f"{index_name}.lock"):

@@ -16,12 +16,14 @@ parameters, gradient checkpointing, and 8-bit Adam (when bitsandbytes is importa
   importable. It changes the result, so a run records it in its identity (and config hash).
 
 Set them on a pipeline with :func:`set_memory_options`; :func:`memory_options` reads them back
-(defaults: no checkpointing, plain Adam).
+(defaults: no checkpointing, plain Adam). Only the fine-tuning loop reads them: :func:`check_applies`
+refuses them for a closed-form method (``erasekit erase --gradient-checkpointing / --optimizer``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -44,12 +46,30 @@ class MemoryOptions:
         if self.optimizer == "adam8bit" and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(
                 "`optimizer` 'adam8bit' needs bitsandbytes, which is not installed here: `pip install bitsandbytes` "
-                "(a CUDA machine), or use optimizer='adam'."
+                "(a CUDA machine), or use optimizer='adam' (--optimizer adam)."
             )
 
     def identity(self) -> dict[str, Any]:
         """What changes a run's result: the optimizer, when it is not the default (checkpointing does not)."""
         return {"optimizer": self.optimizer} if self.optimizer != "adam" else {}
+
+
+def check_applies(
+    options: MemoryOptions, method: str, fine_tuned: Sequence[str], *, given: Sequence[str] = ()
+) -> None:
+    """Refuse ``options`` that differ from the defaults (or are named in ``given``: set explicitly, e.g. a
+    command-line flag) for ``method`` unless it is one of the ``fine_tuned`` methods (those that run
+    :func:`erasekit.finetune.finetune`): a closed-form method would silently ignore them."""
+    if method in fine_tuned:
+        return
+    default = MemoryOptions()
+    names = [n for n, v in asdict(options).items() if n in given or v != getattr(default, n)]
+    if names:
+        flags = ", ".join(f"`{n}` (--{n.replace('_', '-')})" for n in names)
+        raise ValueError(
+            f"{flags} applies to fine-tuning only, and method {method!r} does not fine-tune (closed form): drop it, "
+            f"or choose a fine-tuned method ({', '.join(fine_tuned)})."
+        )
 
 
 def set_memory_options(pipe, **options: Any) -> MemoryOptions:
