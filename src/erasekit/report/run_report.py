@@ -1,9 +1,11 @@
 """One self-contained HTML report per erase run: what was asked, what changed, what it cost.
 
-:func:`build_run_report` reads a run directory (the edit saved by ``erasekit erase --out RUN``, its
-``config.json``, and whatever later commands wrote beneath it: ``metrics.json`` from ``erasekit
-evaluate --out RUN/...``, ``spectrum-*.json`` from ``erasekit analyze spectrum --out RUN/...``) and
-writes ``RUN/report.html``:
+:func:`build_run_report` reads a run directory through :class:`erasekit.rundir.RunDir` (its ``edit/``,
+``run.json``, ``eval/<protocol>/metrics.json`` from ``erasekit evaluate --edit RUN``, the demo's
+``metrics.json`` beside them, and the spectra under ``analysis/``) and writes ``RUN/report.html``. A
+folder of the layout before ``run.json`` (an edit saved flat with ``config.json``, results wherever
+``--out`` put them) is still read: there the result files are searched for, :data:`SEARCH_DEPTH`
+folders deep.
 
 1. the request (erase / preserve / target), the full config and the base model;
 2. before/after images on the same prompts and seeds, for every erased concept and up to four
@@ -53,7 +55,10 @@ MINIATURE_PRESERVE = 4
 SKIP_DIRS = frozenset({"images", "checkpoints", "__pycache__"})
 """Folders not searched for result files (thousands of images, training checkpoints)."""
 SEARCH_DEPTH = 3
-"""How deep below the run directory result files are looked for."""
+"""How deep below a run of the layout before ``run.json`` result files are looked for (and, in any run,
+recovery keys left inside it: a secret found anywhere is worth a warning)."""
+METRICS = "metrics.json"
+SPECTRA = ("spectrum.json", "spectrum-*")
 ERASED, PRESERVED = "erased", "preserved"
 
 
@@ -134,8 +139,27 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) else None
 
 
+def metrics_paths(run_dir: str | Path) -> list[Path]:
+    """The run's metrics files: in a :class:`~erasekit.rundir.RunDir`, ``eval/<protocol>/metrics.json`` of
+    every evaluated protocol and the top-level ``metrics.json`` (the demo's, both sides); in a folder of
+    the layout before ``run.json``, every ``metrics.json`` below it (:func:`find_files`)."""
+    if not RunDir.is_run(run_dir):
+        return find_files(run_dir, [METRICS])
+    rd = RunDir.open(run_dir)
+    top = [rd.file(METRICS)] if rd.file(METRICS).is_file() else []
+    return top + [rd.eval_dir(p) / METRICS for p in rd.evaluated()]
+
+
+def spectrum_paths(run_dir: str | Path) -> list[Path]:
+    """The run's saved spectra: in a :class:`~erasekit.rundir.RunDir`, those in ``analysis/`` and its
+    sub-folders (one folder per measurement); in a folder of the layout before ``run.json``, those below it."""
+    if not RunDir.is_run(run_dir):
+        return find_files(run_dir, SPECTRA)
+    return find_files(RunDir.open(run_dir).analysis_dir, SPECTRA, depth=1)
+
+
 def find_metrics(run_dir: str | Path) -> list[MetricsFile]:
-    """Every ``metrics.json`` below ``run_dir`` with its side.
+    """Every metrics file of the run (:func:`metrics_paths`) with its side.
 
     ``erasekit evaluate --out DIR`` writes ``DIR/metrics.json`` (and ``DIR/evaluate.json`` with the
     options): it measured the edited model when ``--edit`` was given (``"edit"`` in either file), the
@@ -144,7 +168,7 @@ def find_metrics(run_dir: str | Path) -> list[MetricsFile]:
     original model's rate of the plain prompts (``original_rate``) on the original side.
     """
     out: list[MetricsFile] = []
-    for path in find_files(run_dir, ["metrics.json"]):
+    for path in metrics_paths(run_dir):
         try:
             res = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -206,12 +230,12 @@ def metrics_section(files: Sequence[MetricsFile], run_dir: str | Path) -> str:
 
 
 def find_spectra(run_dir: str | Path) -> dict[Path, dict[str, Any]]:
-    """Spectra saved below ``run_dir`` (``spectrum-<label>.json`` by
+    """The run's saved spectra (:func:`spectrum_paths`: ``spectrum-<label>.json`` by
     :func:`~erasekit.analysis.spectrum.run_spectra`, or ``spectrum.json``), grouped by folder as
     ``{folder: {label: Spectrum}}`` (one folder: one measurement, e.g. ESD beside AP)."""
 
     groups: dict[Path, dict[str, Any]] = {}
-    for path in find_files(run_dir, ["spectrum.json", "spectrum-*"]):
+    for path in spectrum_paths(run_dir):
         try:
             spec = Spectrum.load(path)
         except (OSError, json.JSONDecodeError, KeyError, ValueError) as e:
@@ -549,5 +573,7 @@ __all__ = [
     "find_spectra",
     "headline_metrics",
     "image_strip",
+    "metrics_paths",
     "metrics_section",
+    "spectrum_paths",
 ]
