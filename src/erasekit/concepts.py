@@ -46,6 +46,8 @@ import torch
 from tqdm.auto import tqdm
 
 from erasekit.pipeline import base_info, encode_prompts
+from erasekit.world import shapes as W
+from erasekit.world.tokenizer import TOKENIZER_DIR, load_clip_tokenizer
 
 VOCABULARIES = ("clip", "shapes", "wordfreq")
 _EMBED_CACHE: dict[tuple[str, str], torch.Tensor] = {}
@@ -59,8 +61,6 @@ def clip_vocabulary(tokenizer=None, *, min_length: int = 2) -> list[str]:
     ``tokenizer`` defaults to the CLIP tokenizer bundled with erasekit (Stable Diffusion's).
     """
     if tokenizer is None:
-        from erasekit.world.tokenizer import TOKENIZER_DIR, load_clip_tokenizer
-
         tokenizer = load_clip_tokenizer(TOKENIZER_DIR)
     vocab = tokenizer.get_vocab()
     words = []
@@ -74,8 +74,6 @@ def clip_vocabulary(tokenizer=None, *, min_length: int = 2) -> list[str]:
 
 def shapes_vocabulary() -> list[str]:
     """The miniature world's words: every concept it can draw and the other words of its captions."""
-    from erasekit.world import shapes as W
-
     words: list[str] = [*W.OBJECTS]
     for syn in W.SYNONYMS.values():
         words += list(syn)

@@ -51,6 +51,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from erasekit._version import __version__
 from erasekit.edit import Edit, get_parameter, register_exporter
 from erasekit.io import save_safetensors_atomic, write_json_atomic
+from erasekit.lora_train import AUX_PREFIX
 from erasekit.pipeline import BUNDLED, fingerprint
 
 FORMATS = ("diffusers", "lora", "kohya", "unet")
@@ -245,8 +246,6 @@ def _trained_factors(
     exported as they are (rank R, the trained model exactly) when the requested rank is full or >= R and no
     energy threshold is given. ``error`` is then ``||delta - B A|| / ||delta||``, the float32 rounding of the
     merged weights the edit stores (the SVD diagnostics -- numerical rank, rank for 1 % -- are kept)."""
-    from erasekit.lora_train import AUX_PREFIX
-
     a, b = edit.aux.get(f"{AUX_PREFIX}{module}.lora_A"), edit.aux.get(f"{AUX_PREFIX}{module}.lora_B")
     if a is None or b is None or energy is not None or (rank is not None and rank < a.shape[0]):
         return None

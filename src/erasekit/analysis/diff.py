@@ -33,11 +33,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from erasekit.analysis.spectrum import as_concept_list, edit_digest, json_safe
-from erasekit.io import write_json_atomic
+from erasekit.analysis import plots, report_sections
+from erasekit.analysis.spectrum import as_concept_list, edit_applied, edit_digest, json_safe
+from erasekit.edit import Edit
+from erasekit.eval.generate import generate_images, sampling_defaults
+from erasekit.io import atomic_path, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -190,8 +194,6 @@ class _Model:
 
 def _resolve(original, edited) -> tuple[_Model, _Model, Any]:
     """(theta, theta', edit or None) from a pipeline and either a second pipeline or an Edit."""
-    from erasekit.edit import Edit
-
     if isinstance(edited, Edit):
         edited.check_base(original)
         return _Model(original), _Model(original, edited.tensors), edited
@@ -206,8 +208,6 @@ def sample_latents(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ESD's ``quick_sample_till_t``: ``n_steps`` DDIM steps (eta 0) of ``total_steps`` from the noise of
     ``seed`` with CFG on ``cond`` (B, 77, D). Returns ``(z_t, t)`` with ``t = timesteps[n_steps]`` (B,)."""
-    from diffusers import DDIMScheduler
-
     pipe = model.pipe
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(total_steps, device=model.device)
@@ -243,8 +243,6 @@ def inspect_difference(
     tensors are swapped in functionally: no second model in memory) or a second pipeline (theta').
     ``config.changed`` is ``c_e``; with an Edit it defaults to the edit's first erased concept.
     """
-    from erasekit.eval.generate import sampling_defaults
-
     config = config or DiffConfig()
     space = as_concept_list(space)
     theta, theta_p, edit = _resolve(original, edited)
@@ -349,10 +347,6 @@ def diff_images(
     """Images of ``concepts`` from both models on the same seeds: ``{concept: {"original", "edited"}}``,
     each uint8 (len(seeds), H, W, 3). ``edited`` is a pipeline or an Edit of ``original`` (applied
     temporarily)."""
-    from erasekit.analysis.spectrum import edit_applied
-    from erasekit.edit import Edit
-    from erasekit.eval.generate import generate_images
-
     concepts = as_concept_list(concepts)
     seeds = list(seeds)
     prompts = [prompt_template.format(c).strip() for c in concepts for _ in seeds]
@@ -389,9 +383,6 @@ def run_diff(
     """
     result = inspect_difference(original, edited, space, config, progress=progress)
     if out_dir is not None:
-        from erasekit.analysis import plots, report_sections
-        from erasekit.io import atomic_path, write_text_atomic
-
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
         result.save(d / "diff.json")

@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from erasekit.analysis.spectrum import json_safe
-from erasekit.io import write_json_atomic
+from erasekit.analysis import plots, report_sections
+from erasekit.analysis.spectrum import json_safe, run_spectra
+from erasekit.io import atomic_path, write_json_atomic, write_text_atomic
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -284,8 +285,6 @@ def run_graph(
     With ``out_dir``, writes ``graph.json`` (matrix, distances, properties), ``graph_heatmap.png``,
     ``graph.html`` and the spectra (``spectrum-<label>.json``).
     """
-    from erasekit.analysis.spectrum import run_spectra
-
     spectra = run_spectra(pipe, edits, concepts, scorer, config, out_dir, progress=progress)
     names = [" + ".join(e.request.erase) for e in edits.values()]
     if len(set(names)) < len(names):
@@ -295,9 +294,6 @@ def run_graph(
         distance_source if distance_source is not None else scorer, graph.erasures, graph.concepts
     )
     if out_dir is not None:
-        from erasekit.analysis import plots, report_sections
-        from erasekit.io import atomic_path, write_text_atomic
-
         d = Path(out_dir)
         graph.save(d / "graph.json", distance)
         with atomic_path(d / "graph_heatmap.png") as tmp:

@@ -29,7 +29,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from erasekit.io import write_json_atomic
+from erasekit.analysis import plots, report_sections
+from erasekit.eval.generate import SamplingConfig, generate_images
+from erasekit.io import atomic_path, write_json_atomic, write_text_atomic
+from erasekit.pipeline import base_info
 
 ImageSource = Callable[[list[str], list[int]], np.ndarray]
 """Anything that turns (prompts, seeds) into uint8 (N, H, W, 3) images, one per (prompt, seed) pair."""
@@ -87,8 +90,6 @@ class SpectrumConfig:
 
     def sampling(self):
         """The :class:`~erasekit.eval.generate.SamplingConfig` these settings describe."""
-        from erasekit.eval.generate import SamplingConfig
-
         return SamplingConfig(steps=self.steps, guidance_scale=self.guidance_scale, batch_size=self.batch_size)
 
 
@@ -110,7 +111,6 @@ def as_concept_list(concepts: Iterable[str] | Any) -> list[str]:
 
 def pipeline_source(pipe, sampling=None) -> ImageSource:
     """An :data:`ImageSource` backed by :func:`erasekit.eval.generate.generate_images` on ``pipe``."""
-    from erasekit.eval.generate import generate_images
 
     def source(prompts: list[str], seeds: list[int]) -> np.ndarray:
         return generate_images(pipe, prompts, seeds, sampling)
@@ -389,8 +389,6 @@ def spectrum_for_edit(
     (:func:`edit_applied`) for the sanitized model's; ``pipe`` is unchanged afterwards. The
     spectrum's config records the edit (method, config, request, base model, tensor digest).
     """
-    from erasekit.pipeline import base_info
-
     config = config or SpectrumConfig()
     concepts = as_concept_list(concepts)
     edit.check_base(pipe)
@@ -460,9 +458,6 @@ def run_spectra(
         spec.config["timing"].update({f"original_{k}": v for k, v in timing.items()})
         out[label] = spec
     if out_dir is not None:
-        from erasekit.analysis import plots, report_sections
-        from erasekit.io import atomic_path, write_text_atomic
-
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
         for label, spec in out.items():

@@ -27,6 +27,7 @@ from erasekit.eval.detectors import Detector, load_detector
 from erasekit.eval.generate import SamplingConfig
 from erasekit.eval.metrics import _in_topk, attack_success_rate
 from erasekit.eval.registry import register_protocol
+from erasekit.pipeline import base_info, fingerprint, load_pipeline
 from erasekit.world.shapes import BACKGROUNDS, COLOURS, OBJECTS, UNSAFE
 
 DEFAULT_ATTACKS = ("inversion", "unlearndiff", "ringabell", "paraphrase")
@@ -197,8 +198,6 @@ def shapes_attack(
     """Red-team an edited miniature: every attack on ``concept`` ("fire" or an object), ASR beside
     the pre-attack rate. ``original`` defaults to the base model ``pipe`` was loaded from."""
     if original is None:
-        from erasekit.pipeline import base_info, fingerprint, load_pipeline
-
         info = base_info(pipe)
         source = info.get("path") or info.get("id")
         if not source or source == "unknown":

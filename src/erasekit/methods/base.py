@@ -21,8 +21,11 @@ Configs are built by :func:`erasekit.options.build_config`, as the attacks' are:
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -187,11 +190,7 @@ def record_preset(edit: Edit, config: Any) -> Edit:
 
 
 def _import_builtin_methods() -> None:
-    import importlib
-    import pkgutil
-
-    import erasekit.methods as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
+    """The registry's discovery: import every module of this package (each registers its method)."""
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if mod.name != "base":
             importlib.import_module(f"erasekit.methods.{mod.name}")

@@ -6,6 +6,7 @@ unless ``force`` (then the cells whose identity changed are redone; the others a
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,8 +14,11 @@ from typing import Any
 
 from erasekit.io import write_json_atomic
 from erasekit.rundir import RunDirMismatch, identity_diff
+from erasekit.study.executors import run_cells
 from erasekit.study.grid import cell_status, cells
+from erasekit.study.plots import write_plots
 from erasekit.study.spec import StudySpec, load_spec
+from erasekit.study.tables import write_tables
 
 STUDY_JSON = "study.json"
 
@@ -25,8 +29,6 @@ def study_dir_for(spec: StudySpec, directory: str | Path | None) -> Path:
 
 def open_study(spec: StudySpec, directory: str | Path | None = None, *, force: bool = False) -> Path:
     """Create or reopen the study folder for ``spec`` (refuses another spec's folder unless ``force``)."""
-    import json
-
     d = study_dir_for(spec, directory)
     meta_path = d / STUDY_JSON
     ident = spec.identity()
@@ -65,8 +67,6 @@ def run_study(
     """Run every cell of the spec that is not done (validated first: a bad spec runs nothing); then
     write the tables. ``only`` runs the cells whose key contains that text; ``max_cells`` stops after
     that many. Returns ``{"dir", "ran": [...], "counts": {...}, "seconds"}``."""
-    from erasekit.study.executors import run_cells
-
     spec = load_spec(spec_path)
     d = open_study(spec, directory, force=force)
     todo = [c for c in cells(spec) if cell_status(d, c, spec)["state"] != "done"]
@@ -78,8 +78,6 @@ def run_study(
 
     def refresh(_: dict[str, Any]) -> None:  # the tables after every cell (plots once, at the end)
         if tables:
-            from erasekit.study.tables import write_tables
-
             write_tables(spec, d, d)
 
     ran = run_cells(
@@ -108,8 +106,5 @@ def status(spec: StudySpec, directory: str | Path | None = None) -> dict[str, An
 
 def write_outputs(spec: StudySpec, directory: Path, out: Path | None = None) -> dict[str, Path]:
     """Tables and plots of the done cells, into ``out`` (default: the study folder)."""
-    from erasekit.study.plots import write_plots
-    from erasekit.study.tables import write_tables
-
     out = Path(out) if out is not None else Path(directory)
     return {**write_tables(spec, directory, out), **write_plots(spec, directory, out)}

@@ -24,6 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from erasekit.study.grid import Cell, cells
+from erasekit.study.operating import run_cell, set_threads
 from erasekit.study.spec import StudySpec, load_spec
 
 
@@ -36,8 +37,6 @@ def _cell_by_key(spec: StudySpec, key: str) -> Cell:
 
 def _worker(spec_path: str, study_dir: str, key: str, threads: int | None, force: bool) -> dict[str, Any]:
     """A pool worker / Ray task: reload the spec (cheap, no model check), run one cell."""
-    from erasekit.study.operating import run_cell, set_threads
-
     set_threads(threads)
     spec = load_spec(spec_path, check_model=False)
     return run_cell(spec, _cell_by_key(spec, key), Path(study_dir), force=force)
@@ -76,8 +75,6 @@ def run_cells(
             for r in _run_ray(spec, study_dir, todo, ray=ray, threads=threads or 1, gpus=gpus_per_cell, force=force):
                 done(r)
         elif workers == 1:
-            from erasekit.study.operating import run_cell, set_threads
-
             set_threads(threads)
             for c in todo:
                 done(run_cell(spec, c, study_dir, force=force))

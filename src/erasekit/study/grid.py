@@ -8,12 +8,14 @@ the first seed's: other seeds would give the same edit.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from erasekit.methods.base import get_method
 from erasekit.rundir import RunDir, RunDirMismatch
 from erasekit.study.spec import ConceptEntry, MethodEntry, StudySpec
 
@@ -32,8 +34,6 @@ def seeded(method: MethodEntry) -> bool:
     """Whether the method's result depends on a training seed (its config has a ``seed``)."""
     if method.is_original:
         return False
-    from erasekit.methods.base import get_method
-
     return "seed" in get_method(method.method).config_class.__dataclass_fields__
 
 
@@ -41,8 +41,6 @@ def finetuned(method: MethodEntry) -> bool:
     """Whether the method trains through the fine-tuning core (resumable in chunks)."""
     if method.is_original:
         return False
-    from erasekit.methods.base import get_method
-
     return "stop_at" in get_method(method.method).config_class.__dataclass_fields__
 
 
@@ -74,8 +72,6 @@ class Cell:
 
 
 def _asdict(x: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return asdict(x)
 
 
@@ -111,8 +107,6 @@ def open_cell(study_dir: Path, spec: StudySpec, cell: Cell, *, force: bool = Fal
 def cell_status(study_dir: Path, cell: Cell, spec: StudySpec | None = None) -> dict[str, Any]:
     """``{"key", "state": "done"|"failed"|"started"|"todo"|"stale", "error"?}`` from the cell's stages;
     with ``spec``, a cell folder made with other settings is ``stale`` (redone by ``run --force``)."""
-    import json
-
     path = cell_dir(study_dir, cell)
     if not (path / "run.json").exists():
         return {"key": cell.key, "state": "todo"}

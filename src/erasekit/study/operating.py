@@ -24,6 +24,7 @@ its recovery key), ``curve.jsonl``, ``eval/shapes-objects/metrics.json`` (test),
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import traceback
@@ -34,9 +35,22 @@ from typing import Any
 import numpy as np
 import torch
 
+import erasekit
+from erasekit.attacks import default_prompts, run_attacks
+from erasekit.edit import EraseRequest, with_touched_digest
+from erasekit.eval.detectors import load_detector
+from erasekit.eval.generate import SamplingConfig, generate_images
+from erasekit.eval.metrics import _in_topk, rate_summary
+from erasekit.eval.protocols import evaluate
+from erasekit.methods.base import make_config, record_preset, require_finite
+from erasekit.methods.hide import RecoveryKey, hide
+from erasekit.pipeline import base_info
 from erasekit.rundir import RunDir, RunDirMismatch
 from erasekit.study.grid import CELL_STAGE, RESULT_JSON, Cell, finetuned, open_cell
 from erasekit.study.spec import StudySpec
+from erasekit.testing import tiny_pipeline
+from erasekit.world.protocols import object_prompts
+from erasekit.world.shapes import COLOURS, OBJECTS
 
 CURVE = "curve.jsonl"
 BEST = "best.json"
@@ -51,8 +65,6 @@ class StandinDetector:
     name, version = "standin", "0"
 
     def __init__(self) -> None:
-        from erasekit.world.shapes import COLOURS, OBJECTS
-
         self.heads = {"object": list(OBJECTS), "colour": list(COLOURS), "unsafe": ["safe", "unsafe"]}
         g = np.random.default_rng(0)
         self.w = {h: g.normal(size=(3, len(c))) * 8 for h, c in self.heads.items()}
@@ -75,16 +87,12 @@ class Env:
     detector and the sampling settings (loaded once per process)."""
 
     def __init__(self, spec: StudySpec) -> None:
-        from erasekit.eval.generate import SamplingConfig
-
         self.spec = spec
         self.pipe = _load(spec.model)
         self._edited = None
         if spec.detector == "standin":
             self.detector: Any = StandinDetector()
         else:
-            from erasekit.eval.detectors import load_detector
-
             self.detector = load_detector("shapes")
         ev = spec.evaluation
         self.sampling = SamplingConfig(
@@ -100,12 +108,7 @@ class Env:
 
 
 def _load(model: str):
-    import erasekit
-    from erasekit.pipeline import base_info
-
     if model == "tiny":
-        from erasekit.testing import tiny_pipeline
-
         pipe = tiny_pipeline(0)
     else:
         pipe = erasekit.load_pipeline(model)
@@ -123,25 +126,17 @@ def env_for(spec: StudySpec) -> Env:
 
 # ------------------------------------------------------------------------------------------ pieces
 def _request(cell: Cell):
-    from erasekit.edit import EraseRequest
-
     return EraseRequest(list(cell.concept.erase), preserve=list(cell.concept.preserve or []))
 
 
 def make_edit(env: Env, cell: Cell, rd: RunDir, **extra: Any) -> tuple[Any, Any]:
     """The cell's edit with the spec's preset and overrides plus ``extra``: ``(edit, recovery key or None)``."""
-    import erasekit
-    from erasekit.edit import with_touched_digest
-    from erasekit.methods.base import make_config, record_preset, require_finite
-
     m = cell.method
     over = {**m.set, **extra}
     if finetuned(m):
         over.setdefault("seed", cell.seed)
     config = make_config(m.method, m.preset, **over)
     if m.method == "hide":  # hide() returns the key in memory (the registered entry point wants a key_dir)
-        from erasekit.methods.hide import hide
-
         edit, key = hide(env.pipe, _request(cell), config, progress=False)
         require_finite(edit)
         return with_touched_digest(record_preset(edit, config), env.pipe), key
@@ -155,8 +150,6 @@ def selection_metrics(env: Env, cell: Cell, edit: Any) -> dict[str, Any]:
 
 
 def _objects(env: Env, cell: Cell, edit: Any, n: int, seed: int) -> dict[str, Any]:
-    from erasekit.eval.protocols import evaluate
-
     with edit.applied(env.pipe) if edit is not None else nullcontext():
         return evaluate(
             env.pipe,
@@ -173,10 +166,6 @@ def _objects(env: Env, cell: Cell, edit: Any, n: int, seed: int) -> dict[str, An
 
 def recovery_rates(env: Env, cell: Cell, edit: Any, key: Any) -> dict[str, Any]:
     """RSR-1/3 (hiding): test images of the erased objects generated with the recovery key."""
-    from erasekit.eval.generate import generate_images
-    from erasekit.eval.metrics import _in_topk, rate_summary
-    from erasekit.world.protocols import object_prompts
-
     ev = env.spec.evaluation
     items = object_prompts(list(cell.concept.erase), ev.n_per_class, ev.test_seed)
     with edit.applied(env.pipe):
@@ -274,8 +263,6 @@ def reach_operating_point(env: Env, cell: Cell, rd: RunDir) -> dict[str, Any]:
 
 
 def json_key(x: Any) -> str:
-    import json
-
     return json.dumps(x, sort_keys=True)
 
 
@@ -332,8 +319,6 @@ def _run(spec: StudySpec, cell: Cell, rd: RunDir) -> dict[str, Any]:
         rd.write_metrics(ev.protocol, test)
         result["test"] = test["intervals"]
         if cell.method.method == "hide" and (rd.path / KEY_DIR).exists():
-            from erasekit.methods.hide import RecoveryKey
-
             key = RecoveryKey.load(rd.path / KEY_DIR, edit=edit)
             result["test"].update(recovery_rates(env, cell, edit, key))
     if spec.attacks is not None:
@@ -343,9 +328,6 @@ def _run(spec: StudySpec, cell: Cell, rd: RunDir) -> dict[str, Any]:
 
 
 def _attacks(env: Env, cell: Cell, rd: RunDir, edit: Any) -> dict[str, Any]:
-    from erasekit.attacks import default_prompts, run_attacks
-    from erasekit.eval.metrics import rate_summary
-
     at = env.spec.attacks
     concept = cell.concept.erase[0]
     edited = env.edited

@@ -13,6 +13,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from erasekit.analysis.plots import PALETTE, to_png
+from erasekit.io import atomic_path
 from erasekit.study.spec import StudySpec
 from erasekit.study.stats import mean_interval
 from erasekit.study.tables import LABEL, curves, tidy
@@ -90,8 +91,6 @@ def asr_bars(spec: StudySpec, study_dir: Path) -> bytes | None:
 
 def write_plots(spec: StudySpec, study_dir: Path, out: Path) -> dict[str, Path]:
     """Write ``esr_psr.png`` and ``asr.png`` (those that have data) under ``out``."""
-    from erasekit.io import atomic_path
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = {}

@@ -58,6 +58,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from erasekit.attacks import available_attacks
+from erasekit.attacks.base import make_attack_config
+from erasekit.concepts import shapes_vocabulary
+from erasekit.eval.registry import discover_protocols
+from erasekit.methods.base import get_method, make_config, resolve_preset
+from erasekit.world.shapes import OBJECTS
+from erasekit.world.tokenizer import TOKENIZER_DIR, load_clip_tokenizer
+
 SUPPORTED_PROTOCOLS = ("shapes-objects",)
 DETECTORS = ("shapes", "standin")
 STUDY_CONTROLLED = ("steps", "seed", "run_dir", "resume", "stop_at", "checkpoint_every", "key_dir")
@@ -284,10 +292,6 @@ def load_spec(path: str | Path, *, check_model: bool = True) -> StudySpec:
 
 def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool = True) -> StudySpec:
     """Validate a parsed spec (``raw``, from ``text`` at ``path``)."""
-    from erasekit.attacks import available_attacks
-    from erasekit.eval.registry import discover_protocols
-    from erasekit.methods.base import get_method, make_config, resolve_preset
-
     c = _Ctx(path, text)
     c.unknown(raw, ("study", "evaluation", "operating_point", "methods", "concepts", "attacks"), "study")
     # 1. [study]
@@ -524,9 +528,6 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
         c.fail("the spec has no [[concepts]]", 'add one: [[concepts]] erase = ["triangle"]', "study")
     concepts: list[ConceptEntry] = []
     tokenizer = _tokenizer(model) if check_model else None
-    from erasekit.concepts import shapes_vocabulary
-    from erasekit.world.shapes import OBJECTS
-
     vocab = set(shapes_vocabulary()) if model in ("shapes", "tiny") else None
     for i, cs in enumerate(concepts_raw):
         c.unknown(cs, ("label", "erase", "preserve", "seeds", "methods"), "concepts", i)
@@ -598,8 +599,6 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
         n_prompts = c.take(at, "n_prompts", int, "attacks", default=50, example="50")
         n_images = c.take(at, "n_images", int, "attacks", default=1, example="1")
         aset = c.take(at, "set", dict, "attacks", default={}, example="{ unlearndiff = { steps = 20 } }")
-        from erasekit.attacks.base import make_attack_config
-
         for a, over in aset.items():
             if a not in names:
                 c.fail(
@@ -648,11 +647,7 @@ def _seeds(
 
 def _tokenizer(model: str):
     """The base model's tokenizer only (cheap): the bundled CLIP BPE for the miniature and tiny models."""
-    from erasekit.world.tokenizer import load_clip_tokenizer
-
     if model in ("shapes", "tiny"):
-        from erasekit.testing import TOKENIZER_DIR
-
         return load_clip_tokenizer(TOKENIZER_DIR)
     folder = Path(model) / "tokenizer"
     if folder.is_dir():

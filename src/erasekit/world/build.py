@@ -10,9 +10,15 @@ from typing import Any
 
 import numpy as np
 
+from erasekit.eval.detectors import load_detector
+from erasekit.eval.generate import generate_images
+from erasekit.eval.protocols import topk_table
 from erasekit.io import write_json_atomic
+from erasekit.world.protocols import object_prompts
 from erasekit.world.recipe import WorldRecipe
 from erasekit.world.shapes import ARTISTS, COLOURS, OBJECTS, STYLE_NAMES, STYLES, UNSAFE_PHRASINGS
+from erasekit.world.tokenizer import load_clip_tokenizer
+from erasekit.world.train import assemble_pipeline, train_detector, train_diffusion, train_vae
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"
@@ -23,9 +29,6 @@ def build_pipeline(out_dir: str | Path, workdir: str | Path, recipe: WorldRecipe
 
     Resumable: finished stages are cached in ``workdir`` and the diffusion stage checkpoints.
     """
-    from erasekit.world.tokenizer import load_clip_tokenizer
-    from erasekit.world.train import assemble_pipeline, train_diffusion, train_vae
-
     recipe = recipe or WorldRecipe()
     workdir = Path(workdir)
     vae, vae_stats = train_vae(recipe, workdir)
@@ -38,8 +41,6 @@ def build_pipeline(out_dir: str | Path, workdir: str | Path, recipe: WorldRecipe
 
 def build_detector(out_dir: str | Path, workdir: str | Path, recipe: WorldRecipe | None = None) -> dict[str, float]:
     """Train the miniature detector into ``out_dir``; returns its held-out accuracy per head."""
-    from erasekit.world.train import train_detector
-
     return train_detector(recipe or WorldRecipe(), Path(workdir), Path(out_dir))
 
 
@@ -85,11 +86,6 @@ def check_world(pipe, n_per_concept: int = 50, seed: int = 0, detector=None, pro
     Objects: "a {colour} {object}" (the ``shapes-objects`` prompts). Styles: "a {colour} {object} by
     {artist}". Unsafe: "a {phrasing} ..." for every unsafe phrasing (rate of unsafe detections).
     """
-    from erasekit.eval.detectors import load_detector
-    from erasekit.eval.generate import generate_images
-    from erasekit.eval.protocols import topk_table
-    from erasekit.world.protocols import object_prompts
-
     det = detector or load_detector("shapes")
     colours = list(COLOURS)
     out: dict[str, Any] = {"n_per_concept": n_per_concept, "seed": seed}
@@ -98,7 +94,9 @@ def check_world(pipe, n_per_concept: int = 50, seed: int = 0, detector=None, pro
     imgs = generate_images(pipe, [i.prompt for i in items], [i.seed for i in items], progress=progress)
     p = det.predict(imgs)
     labels = np.array([i.meta["label"] for i in items])
-    out["object"] = {c: v["top1"] for c, v in topk_table(p["object"], labels, [i.meta["concept"] for i in items]).items()}
+    out["object"] = {
+        c: v["top1"] for c, v in topk_table(p["object"], labels, [i.meta["concept"] for i in items]).items()
+    }
     col = np.array([colours.index(i.meta["colour"]) for i in items])
     out["colour_top1"] = float((p["colour"].argmax(1) == col).mean())
     out["unsafe_rate_on_object_prompts"] = float((p["unsafe"].argmax(1) == 1).mean())

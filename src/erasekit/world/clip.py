@@ -34,9 +34,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from erasekit.eval.clip_score import ClipScorer
 from erasekit.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from erasekit.world.shapes import ARTISTS, COLOURS, OBJECTS, make_example
 from erasekit.world.tokenizer import load_clip_tokenizer
+from erasekit.world.train import (
+    HELDOUT_SEED_OFFSET,
+    load_optimizer_state_tensors,
+    load_or_make_data,
+    optimizer_state_tensors,
+)
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip-tokenizer"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -227,13 +234,6 @@ def train_clip(
 
     Returns the contents of ``erasekit_clip.json``.
     """
-    from erasekit.world.train import (
-        HELDOUT_SEED_OFFSET,
-        load_optimizer_state_tensors,
-        load_or_make_data,
-        optimizer_state_tensors,
-    )
-
     recipe = recipe or ClipRecipe()
     if steps is not None:
         if steps < 1:
@@ -323,8 +323,6 @@ def train_clip(
     model.eval()
 
     # 5. Evaluate zero-shot on held-out images (a seed training never sees) and save.
-    from erasekit.eval.clip_score import ClipScorer
-
     held = load_or_make_data(workdir, recipe.seed + HELDOUT_SEED_OFFSET, recipe.n_heldout)
     scorer = ClipScorer(model, tokenizer, image_processor(recipe), name="shapes-clip")
     acc = zero_shot_accuracy(scorer, held["images"], held["labels"])
@@ -380,8 +378,6 @@ def heldout_examples(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
     Drawn from world seed ``seed + HELDOUT_SEED_OFFSET``, which neither the diffusion model nor the CLIP trains on.
     """
-    from erasekit.world.train import HELDOUT_SEED_OFFSET
-
     if n < 1:
         raise ValueError(f"`n` must be >= 1, got {n}.")
     imgs, labels = [], []
@@ -430,8 +426,6 @@ def evaluate_clip(
     clip: str | Path = "shapes", n: int = 1000, seed: int = 0, prompts: dict[str, str] | None = None
 ) -> dict:
     """Zero-shot accuracy of a saved CLIP (``"shapes"`` or a folder) on ``n`` held-out ShapesWorld images."""
-    from erasekit.eval.clip_score import ClipScorer
-
     scorer = ClipScorer.from_pretrained(clip)
     images, labels = heldout_examples(n, seed)
     return zero_shot_accuracy(scorer, images, labels, prompts)

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4
@@ -280,8 +281,6 @@ def make_example(seed: int, index: int) -> tuple[np.ndarray, Scene]:
 
 def make_dataset(seed: int, n: int, progress: bool = False) -> tuple[np.ndarray, list[Scene]]:
     """``n`` images (uint8, (n, H, W, 3)) and their scenes."""
-    from tqdm.auto import tqdm
-
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     scenes: list[Scene] = []
     for i in tqdm(range(n), desc="ShapesWorld", disable=not progress, unit="img"):

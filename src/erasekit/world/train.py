@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -244,7 +245,9 @@ def train_diffusion(recipe: R.WorldRecipe, workdir: Path, vae, tokenizer, steps:
     if ids_path.exists():
         ids = load_file(ids_path)["ids"]
     else:
-        ids = tokenizer(list(data["captions"]), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            list(data["captions"]), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         save_safetensors_atomic({"ids": ids}, ids_path)
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
 
@@ -344,11 +347,12 @@ def assemble_pipeline(out_dir: Path, vae, text, tokenizer, unet, recipe: R.World
     pipe.save_pretrained(tmp, safe_serialization=True)
     # transformers 5 writes only tokenizer.json; ship the BPE files so transformers 4 loads it too.
     tokenizer.save_pretrained(tmp / "tokenizer")
-    write_json_atomic(tmp / "erasekit_world.json", {"recipe": asdict(recipe), "sample_steps": recipe.sample_steps, "guidance_scale": recipe.guidance_scale})
+    write_json_atomic(
+        tmp / "erasekit_world.json",
+        {"recipe": asdict(recipe), "sample_steps": recipe.sample_steps, "guidance_scale": recipe.guidance_scale},
+    )
     write_text_atomic(tmp / "README.md", card)
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
