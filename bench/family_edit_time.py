@@ -23,7 +23,20 @@ one eq. 8 derivation, so other epoch counts extrapolate linearly.
 
 So the figures are the closed forms' own cost at real sizes; add the text encoders (SDXL) or one
 transformer forward per 16 prompts (SD3) for a real model. Printed as a table and written to
-``--out`` (JSON) with the settings and the load average.
+``--out`` (JSON) with the settings and the load average. Each row also has ``cpu_seconds`` (the
+process's CPU time: one thread, so it moves less with the machine's load than the wall seconds) and
+``standin_seconds`` (inside the timed call, the time spent making the random stand-in conditioning /
+block inputs; for SD3 also ``solve_seconds``, the time in the per-projection solves).
+
+**Check** (unless ``--no-check``; after each row, not timed): SDXL UCE rows compare the edit
+``erasekit.erase`` made (one shared float64 factor for all projections,
+:func:`erasekit.methods.closed_form.shared_closed_form_edit`) with the per-projection float64 solve
+:func:`erasekit.methods.uce.uce_closed_form` on the same inputs, for one 640- and one 1280-wide
+``to_k`` and ``to_v``: the max abs difference is printed and stored in the row (``check``), next to
+the largest change the edit makes. SD3 rows solve block 0 twice through ``per_block_uce``: with the
+per-projection solve it uses and with one shared factor for the block's K and V (what the UNet
+families do, :func:`erasekit.methods.closed_form.uce_factor`): the max abs difference and the two
+solve times (x 24 blocks estimates what a shared per-block factor would take).
 
     nice python bench/family_edit_time.py --out bench/results/families/edit_time.json
     python bench/family_edit_time.py --counts 1 --families sd3     # smoke test
@@ -47,7 +60,9 @@ from erasekit.families.closed_forms import per_block_uce
 from erasekit.families.sd3 import SD3Adapter
 from erasekit.io import write_json_atomic
 from erasekit.methods.base import make_config
-from erasekit.methods.uce import uce_closed_form, uce_prompts
+from erasekit.methods.closed_form import PromptEmbeddings, apply_factor, apply_lowrank, uce_factor, uce_factor_lowrank
+from erasekit.methods.uce import uce_closed_form, uce_embeddings, uce_prompts
+from erasekit.pipeline import cross_attention_modules
 from erasekit.testing import TOKENIZER_DIR
 from erasekit.world.tokenizer import load_clip_tokenizer
 
@@ -107,8 +122,12 @@ class FakeSDXL:
         self._erasekit_family = "sdxl"
         self.name_or_path = "sdxl-kv-shapes-random"
 
+    standin_seconds = 0.0
+
     def encode_prompt(self, prompts, **_: object):
+        t0 = time.perf_counter()
         emb = torch.stack([_seeded(p, 77, 2048) for p in prompts])
+        self.standin_seconds += time.perf_counter() - t0
         return emb, None, torch.zeros(len(prompts), 1280), None
 
 
@@ -123,41 +142,113 @@ class BenchSD3(SD3Adapter):
             blk.add_module("attn", _Attn(inner, inner, ("add_k_proj", "add_v_proj")))
             self.root.transformer_blocks.append(blk)
         self.inner = inner
+        self.standin_seconds = 0.0
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return self.root
 
     def kv_inputs(self, pipe, prompts, *, batch_size: int = 16):
-        return {
+        t0 = time.perf_counter()
+        out = {
             n: torch.stack([_seeded(p, 77 + self.max_sequence_length, self.inner, salt=n) for p in prompts])
             for n in self.kv_modules(pipe)
         }
+        self.standin_seconds += time.perf_counter() - t0
+        return out
+
+
+class _TimedSolve:
+    """A ``solve`` for ``per_block_uce`` that adds up the time spent in it. ``shared=True`` solves with one
+    float64 factor per block (computed on the block's first projection, reused for the second: both read
+    the same inputs), as ``shared_closed_form_edit`` does for the UNet's projections (low-rank form below
+    d/2 erased rows); else the per-projection solve ``uce_closed_form`` that ``per_block_uce`` is given."""
+
+    def __init__(self, shared: bool = False) -> None:
+        self.shared, self.seconds, self._key, self._factor = shared, 0.0, None, None
+
+    def __call__(self, w_old, ci, ct, cp, **kw) -> torch.Tensor:
+        t0 = time.perf_counter()
+        if not self.shared:
+            out = uce_closed_form(w_old, ci, ct, cp, **kw)
+        else:
+            key = (id(ci), id(ct), id(cp))
+            if key != self._key:
+                lowrank = ci.shape[0] < ci.shape[1] // 2
+                self._key = key
+                self._factor = (
+                    lowrank,
+                    uce_factor_lowrank(ci, ct, cp, **kw) if lowrank else uce_factor(ci, ct, cp, **kw),
+                )
+            lowrank, f = self._factor
+            w = {"w": w_old}
+            new = apply_lowrank(w, *f, dtype=torch.float64) if lowrank else apply_factor(w, f, dtype=torch.float64)
+            out = new["w"]
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def concepts(n: int) -> list[str]:
     return [f"concept number {i}" for i in range(n)]
 
 
-def time_sdxl(method: str, n: int, rece_epochs: int) -> dict:
+def check_sdxl_uce(pipe: FakeSDXL, request: EraseRequest, tensors: dict[str, torch.Tensor]) -> dict:
+    """Max abs difference between the shared-factor edit ``tensors`` and the per-projection float64 solve,
+    on one 640- and one 1280-wide attn2 (to_k and to_v); both are float32 after their one cast."""
+    cfg = make_config("uce")
+    erased, targets, preserved = uce_prompts(request, cfg)
+    c_in, c_tgt, c_pres = uce_embeddings(
+        PromptEmbeddings(pipe, erased + targets + preserved), erased, targets, preserved, cfg
+    )
+    kw = dict(erase_scale=cfg.erase_scale, preserve_scale=cfg.resolved_preserve_scale(len(preserved)), lamb=cfg.lamb)
+    picked: dict[int, str] = {}
+    for name, attn in cross_attention_modules(pipe.unet).items():
+        picked.setdefault(attn.to_k.weight.shape[0], name)
+    diff, change, names = 0.0, 0.0, []
+    for name in picked.values():
+        for proj in ("to_k", "to_v"):
+            w_old = getattr(cross_attention_modules(pipe.unet)[name], proj).weight.detach()
+            key = f"unet.{name}.{proj}.weight"
+            ref = uce_closed_form(w_old, c_in, c_tgt, c_pres, **kw)
+            diff = max(diff, float((tensors[key] - ref).abs().max()))
+            change = max(change, float((ref - w_old).abs().max()))
+            names.append(key)
+    return {
+        "what": "shared-factor UCE edit vs per-projection uce_closed_form (float64 solve), same inputs",
+        "erase_rows": int(c_in.shape[0]),
+        "path": "low-rank W + (W A) B" if c_in.shape[0] < c_in.shape[1] // 2 else "dense W M",
+        "projections": names,
+        "max_abs_diff": diff,
+        "max_abs_edit": change,
+    }
+
+
+def time_sdxl(method: str, n: int, rece_epochs: int, check: bool) -> dict:
     pipe = FakeSDXL()
     request = EraseRequest(erase=concepts(n), preserve=["a photo", "a painting"])
     opts = {"epochs": rece_epochs} if method == "rece" else {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     edit = erasekit.erase(pipe, request, method=method, progress=False, **opts)
-    return {"seconds": round(time.perf_counter() - t0, 3), "n_tensors": len(edit.tensors)}
+    row = {
+        "seconds": round(time.perf_counter() - t0, 3),
+        "cpu_seconds": round(time.process_time() - c0, 3),
+        "standin_seconds": round(pipe.standin_seconds, 3),
+        "edit_trace_seconds": edit.trace.get("seconds"),
+        "n_tensors": len(edit.tensors),
+    }
+    if check and method == "uce":
+        row["check"] = check_sdxl_uce(pipe, request, edit.tensors)
+    return row
 
 
-def time_sd3(n: int) -> dict:
-    fam = BenchSD3()
+class _Pipe:
+    tokenizer = load_clip_tokenizer(TOKENIZER_DIR)
 
-    class _Pipe:
-        tokenizer = load_clip_tokenizer(TOKENIZER_DIR)
 
+def _sd3_uce(fam: BenchSD3, n: int, solve: _TimedSolve) -> dict[str, torch.Tensor]:
     cfg = make_config("uce")
     request = EraseRequest(erase=concepts(n), preserve=["a photo", "a painting"])
     erased, targets, preserved = uce_prompts(request, cfg)
-    t0 = time.perf_counter()
-    out = per_block_uce(
+    return per_block_uce(
         _Pipe(),
         fam,
         erased,
@@ -165,9 +256,42 @@ def time_sd3(n: int) -> dict:
         preserved,
         cfg,
         preserve_scale=cfg.resolved_preserve_scale(len(preserved)),
-        solve=uce_closed_form,
+        solve=solve,
     )
-    return {"seconds": round(time.perf_counter() - t0, 3), "n_tensors": len(out)}
+
+
+def check_sd3_block(n: int) -> dict:
+    """Block 0 (same inputs as in the timed run: the stand-in is seeded by prompt and block name), solved
+    per projection (what per_block_uce is given) and with one shared factor for its K and V."""
+    per, shared = _TimedSolve(), _TimedSolve(shared=True)
+    fam = BenchSD3(blocks=1)
+    a, b = _sd3_uce(fam, n, per), _sd3_uce(fam, n, shared)
+    return {
+        "what": "block 0: per-projection uce_closed_form (per_block_uce today) vs one shared float64 factor for add_k/add_v",
+        "max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
+        # names are "transformer.<param>": the bench's denoiser root holds "<param>"
+        "max_abs_edit": max(float((a[k] - fam.root.get_parameter(k.split(".", 1)[1]).detach()).abs().max()) for k in a),
+        "per_projection_solve_seconds": round(per.seconds, 3),
+        "shared_factor_seconds": round(shared.seconds, 3),
+    }
+
+
+def time_sd3(n: int, check: bool) -> dict:
+    fam = BenchSD3()
+    solve = _TimedSolve()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = _sd3_uce(fam, n, solve)
+    row = {
+        "seconds": round(time.perf_counter() - t0, 3),
+        "cpu_seconds": round(time.process_time() - c0, 3),
+        "standin_seconds": round(fam.standin_seconds, 3),
+        "solve_seconds": round(solve.seconds, 3),
+        "n_tensors": len(out),
+    }
+    del out, fam
+    if check:
+        row["check"] = check_sd3_block(n)
+    return row
 
 
 def save(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -198,6 +322,7 @@ def main() -> None:
         "--rece-epochs", type=int, default=1, help="RECE epochs (each adds one UCE solve and one eq. 8 derivation)"
     )
     ap.add_argument("--out", default=None, help="JSON file for the results")
+    ap.add_argument("--no-check", dest="check", action="store_false", help="skip the (untimed) exactness checks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.counts.split(",")]
@@ -207,13 +332,30 @@ def main() -> None:
         for m in methods:  # every UCE count first: a run cut short still has the whole UCE column
             for n in counts:
                 load = os.getloadavg()[0]
-                res = time_sdxl(m, n, args.rece_epochs) if fam == "sdxl" else time_sd3(n)
-                rows.append({"family": fam, "method": m, "concepts": n, **res, "load_avg_1m": round(load, 2)})
+                res = time_sdxl(m, n, args.rece_epochs, args.check) if fam == "sdxl" else time_sd3(n, args.check)
+                load_after = os.getloadavg()[0]
+                rows.append(
+                    {
+                        "family": fam,
+                        "method": m,
+                        "concepts": n,
+                        **res,
+                        "load_avg_1m": round(load, 2),
+                        "load_avg_1m_after": round(load_after, 2),
+                    }
+                )
                 save(args, rows)
                 print(
-                    f"{fam:5s} {m:5s} {n:4d} concepts: {res['seconds']:8.2f} s ({res['n_tensors']} tensors)", flush=True
+                    f"{fam:5s} {m:5s} {n:4d} concepts: {res['seconds']:8.2f} s, cpu {res['cpu_seconds']:8.2f} s, "
+                    f"stand-in {res['standin_seconds']:.2f} s ({res['n_tensors']} tensors; load {load:.2f} -> "
+                    f"{load_after:.2f})",
+                    flush=True,
                 )
-    print("\n| family | method | 1 | 10 | 100 |\n|---|---|---|---|---|")
+                if "solve_seconds" in res:
+                    print(f"      per-projection solves: {res['solve_seconds']:.2f} s", flush=True)
+                if "check" in res:
+                    print("      check:", {k: v for k, v in res["check"].items() if k != "projections"}, flush=True)
+    print("\n| family | method | " + " | ".join(map(str, counts)) + " |\n|---|---|" + "---|" * len(counts))
     for fam in args.families.split(","):
         for m in ("uce", "rece"):
             cells = [
