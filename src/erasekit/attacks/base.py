@@ -23,6 +23,7 @@ and ``embeds/`` (safetensors). Prompts already recorded are skipped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -39,7 +40,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from erasekit.eval.generate import SamplingConfig, generate_images, initial_latents
-from erasekit.families import check_attack
+from erasekit.families import check_attack, family_of
 from erasekit.io import save_safetensors_atomic
 from erasekit.options import build_config
 from erasekit.pipeline import encode_prompts, fingerprint
@@ -47,6 +48,7 @@ from erasekit.rundir import ResumableDir
 
 RECORDS = "records.jsonl"
 IDENTITY = "attack.json"
+_MISSING = object()  # CallCounter: the VAE instance held no attribute of that name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,51 +164,116 @@ def make_attack_config(name: str, **overrides: Any) -> Any:
 
 
 class CallCounter:
-    """Counts forward calls (and batch items) of the UNets, text encoders and VAEs of pipelines.
+    """Counts the model calls of pipelines of any family while a ``with`` block runs.
 
     ``with CallCounter(edited, original) as c: ...`` then ``c.counts()`` ->
-    ``{"unet_calls", "unet_items", "text_encoder_calls", "vae_calls"}``; a module shared by both
-    pipelines is counted once.
+
+    - ``unet_calls`` / ``unet_items``: forward calls of each pipeline's *denoiser* (its family's
+      :meth:`~erasekit.families.base.FamilyAdapter.denoiser`: ``pipe.unet`` for SD 1.x/2.x and SDXL,
+      ``pipe.transformer`` for SD3; the key keeps its historical name) and the batch rows they saw;
+    - ``text_encoder_calls``: forward calls of every text encoder present, summed (``text_encoder``,
+      SDXL's ``text_encoder_2``, SD3's ``text_encoder_2`` and ``text_encoder_3`` when not None);
+    - ``vae_calls``: calls of the VAE's ``encode`` and ``decode`` (what pipelines and probes call; the
+      module's ``forward`` is not hooked, as it only calls these two).
+
+    :meth:`by_component` splits the same calls by component (``text_encoder``, ``text_encoder_2``,
+    ``vae.encode``, ...). A module shared by two pipelines is counted once. The denoisers and text
+    encoders are counted by forward pre-hooks; the VAE's bound ``encode`` / ``decode`` are wrapped by
+    counting functions set on the instance for the duration of the block, and afterwards the instance
+    is exactly as before (the wrappers removed, or whatever the instance held put back), even on error.
     """
 
+    DENOISERS = ("unet", "transformer")
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    VAE_METHODS = ("encode", "decode")
+
     def __init__(self, *pipes: Any) -> None:
-        self._modules: dict[int, tuple[str, torch.nn.Module]] = {}
+        # id -> (component name, kind, module); kind is "unet" (the denoiser), "text_encoder" or "vae"
+        self._modules: dict[int, tuple[str, str, torch.nn.Module]] = {}
         for p in pipes:
-            for kind in ("unet", "text_encoder", "vae"):
-                m = getattr(p, kind, None)
-                if isinstance(m, torch.nn.Module):
-                    self._modules[id(m)] = (kind, m)
+            denoisers, encoders = self.DENOISERS, self.TEXT_ENCODERS
+            try:
+                adapter = family_of(p)
+                denoisers, encoders = (adapter.denoiser_name,), adapter.text_encoder_names
+            except ValueError:  # not a pipeline of a known family: count whatever components it has
+                pass
+            named = [(n, "unet") for n in denoisers] + [(n, "text_encoder") for n in encoders] + [("vae", "vae")]
+            for name, kind in named:
+                m = getattr(p, name, None)
+                if isinstance(m, torch.nn.Module) and id(m) not in self._modules:
+                    self._modules[id(m)] = (name, kind, m)
         self._handles: list[Any] = []
+        self._wrapped: list[tuple[torch.nn.Module, str, Any]] = []  # (vae, method name, what its __dict__ held)
         self.calls = {"unet": 0, "text_encoder": 0, "vae": 0}
         self.items = 0
+        self._by_component: dict[str, int] = {}
 
-    def _hook(self, kind: str) -> Callable[..., None]:
+    def _count(self, kind: str, component: str) -> None:
+        self.calls[kind] += 1
+        self._by_component[component] = self._by_component.get(component, 0) + 1
+
+    def _hook(self, kind: str, component: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            self.calls[kind] += 1
+            self._count(kind, component)
             if kind == "unet":
-                x = args[0] if args else kwargs.get("sample")
+                x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
                 self.items += int(x.shape[0]) if isinstance(x, torch.Tensor) else 1
 
         return hook
 
+    def _wrap(self, vae: torch.nn.Module, method: str, component: str) -> None:
+        inner = getattr(vae, method)
+        held = vae.__dict__.get(method, _MISSING)
+
+        @functools.wraps(inner)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._count("vae", component)
+            return inner(*args, **kwargs)
+
+        self._wrapped.append((vae, method, held))
+        vae.__dict__[method] = counted
+
     def __enter__(self) -> CallCounter:
-        for kind, m in self._modules.values():
-            self._handles.append(m.register_forward_pre_hook(self._hook(kind), with_kwargs=True))
+        try:
+            for name, kind, m in self._modules.values():
+                if kind == "vae":
+                    for method in self.VAE_METHODS:
+                        if callable(getattr(m, method, None)):
+                            self._wrap(m, method, f"{name}.{method}")
+                else:
+                    self._handles.append(m.register_forward_pre_hook(self._hook(kind, name), with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for vae, method, held in reversed(self._wrapped):
+            if held is _MISSING:
+                vae.__dict__.pop(method, None)
+            else:
+                vae.__dict__[method] = held
+        self._wrapped.clear()
 
     def counts(self) -> dict[str, int]:
-        """Calls so far."""
+        """Calls so far (the keys above; every attack's cost record and the probes read them)."""
         return {
             "unet_calls": self.calls["unet"],
             "unet_items": self.items,
             "text_encoder_calls": self.calls["text_encoder"],
             "vae_calls": self.calls["vae"],
         }
+
+    def by_component(self) -> dict[str, int]:
+        """Calls so far by component: the pipeline attribute (``unet``, ``transformer``, ``text_encoder``,
+        ``text_encoder_2``, ``text_encoder_3``) or ``vae.encode`` / ``vae.decode``; components never called
+        are 0. A module shared by two pipelines under two names is listed under the first pipeline's."""
+        out = {name: 0 for name, kind, _ in self._modules.values() if kind != "vae"}
+        out.update({f"{n}.{m}": 0 for n, kind, _ in self._modules.values() if kind == "vae" for m in self.VAE_METHODS})
+        return {**out, **self._by_component}
 
 
 def _add_costs(total: dict[str, float], part: dict[str, float]) -> None:
