@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 import erasekit
+from erasekit.analysis.rece_images import derived_embedding_images
 from erasekit.edit import EraseRequest
 from erasekit.io import write_json_atomic
-from erasekit.methods.rece import derived_embedding_images
 from erasekit.world.shapes import OBJECTS
 
 

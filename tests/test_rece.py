@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import erasekit
+from erasekit.analysis.rece_images import derived_embedding_images
 from erasekit.edit import Edit, EraseRequest, get_parameter
 from erasekit.eval.generate import SamplingConfig, generate_images
 from erasekit.methods.base import make_config, preset_diff
@@ -12,7 +13,6 @@ from erasekit.methods.rece import (
     RECEConfig,
     derivation_matrix,
     derive_embedding,
-    derived_embedding_images,
     derived_prompt_embeds,
     kv_parameter_names,
     kv_weights,

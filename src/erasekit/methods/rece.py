@@ -70,13 +70,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from erasekit.edit import Edit, EraseRequest, get_parameter
+from erasekit.edit import Edit, EraseRequest
 from erasekit.methods.base import register
 from erasekit.methods.closed_form import (
     PromptEmbeddings,
@@ -423,6 +421,12 @@ def _check_rece(edit: Edit) -> torch.Tensor:
     return edit.aux[DERIVED_KEY]
 
 
+def derived_epochs(edit: Edit) -> int:
+    """How many derived embeddings a RECE edit keeps per erased prompt: ``epochs + 1`` (epoch ``t`` for
+    ``t`` in ``0 .. epochs``, see :func:`derived_prompt_embeds`); another method's edit is an error."""
+    return int(_check_rece(edit).shape[0])
+
+
 def derived_prompt_embeds(pipe, edit: Edit, epoch: int, concept: int | str = 0) -> torch.Tensor:
     """The derived embedding c' (RECE eq. 8) of epoch ``epoch`` as ``prompt_embeds`` (1, 77, D).
 
@@ -502,47 +506,3 @@ def select_epoch(
     best = max(range(len(scores)), key=lambda t: (scores[t], -t))
     chosen = checkpoints[best]
     return replace(chosen, trace={**chosen.trace, "selected_epoch": best, "validation_scores": scores}), scores
-
-
-@torch.no_grad()
-def derived_embedding_images(
-    pipe,
-    edit: Edit,
-    seeds: Sequence[int],
-    sampling=None,
-    *,
-    concept: int | str = 0,
-    model: Literal["epoch", "final"] = "epoch",
-) -> np.ndarray:
-    """Images of every epoch's derived embedding (the paper's Fig. 5): uint8 (epochs + 1, len(seeds), H, W, 3).
-
-    ``model="epoch"``: embedding ``t`` is rendered by the model it was derived from, after ``t``
-    rounds (what the paper shows: images from epochs 0-2 still contain nudity, from epoch 3 on they
-    do not, so it keeps the checkpoint after epoch 2). ``model="final"``: every embedding is
-    rendered by the final edited model (does the finished edit resist all of them?).
-
-    ``pipe`` must be the unedited base model. Its cross-attention weights are swapped for each
-    checkpoint while rendering and restored afterwards, even on error.
-    """
-    from erasekit.eval.generate import generate_images
-
-    if model not in ("epoch", "final"):
-        raise ValueError(f"`model` must be 'epoch' or 'final', got {model!r}.")
-    table = _check_rece(edit)
-    edit.check_base(pipe)
-    saved = {n: get_parameter(pipe, n).detach().clone() for n in edit.tensors}
-
-    def restore() -> None:
-        for n, v in saved.items():
-            get_parameter(pipe, n).copy_(v)
-
-    out = []
-    try:
-        for t in range(table.shape[0]):
-            emb = derived_prompt_embeds(pipe, edit, t, concept)
-            restore()
-            (edit if model == "final" else rece_checkpoint(pipe, edit, t)).apply_(pipe)
-            out.append(generate_images(pipe, None, list(seeds), sampling, prompt_embeds=emb.expand(len(seeds), -1, -1)))
-    finally:
-        restore()
-    return np.stack(out)

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from erasekit.analysis.rece_images import derived_embedding_images
 from erasekit.analysis.report_sections import method_trace_section, spectrum_section
 from erasekit.analysis.spectrum import Spectrum, edit_applied
 from erasekit.edit import EDIT_META, EDIT_TENSORS, Edit, edit_folder
@@ -41,7 +42,6 @@ from erasekit.eval.generate import SamplingConfig, generate_images
 from erasekit.html import Markup, config_block, image_grid, png_data_uri, table, write_report
 from erasekit.methods.ap import chosen_concepts
 from erasekit.methods.hide import KEY_META, RecoveryKey, edit_digest
-from erasekit.methods.rece import derived_embedding_images
 from erasekit.pipeline import load_pipeline
 from erasekit.rundir import RUN_JSON, RunDir
 from erasekit.world.shapes import OBJECTS
@@ -372,7 +372,7 @@ def rece_section(
     pipe, edit, seeds: Sequence[int], sampling, model: Literal["epoch", "final"], progress: bool
 ) -> tuple[str, str]:
     """RECE: images of every epoch's derived embedding (RECE paper, Fig. 5) for each erased concept,
-    via :func:`~erasekit.methods.rece.derived_embedding_images`, and the per-epoch residuals."""
+    via :func:`~erasekit.analysis.rece_images.derived_embedding_images`, and the per-epoch residuals."""
 
     epochs = int(edit.config.get("epochs", 0))
     rendered = "the model after t rounds (the paper's Fig. 5)" if model == "epoch" else "the final edited model"
@@ -464,7 +464,7 @@ def build_run_report(
     model's sampler with 20 steps), with prompt ``prompt_template.format(concept)``. ``preserve``
     overrides the preserved concepts shown (default: :func:`default_preserve`). ``recovery_key``
     (a hiding edit's key folder) is checked against the edit, never shown. ``rece_model``: which
-    model renders RECE's derived embeddings, see :func:`~erasekit.methods.rece.derived_embedding_images`.
+    model renders RECE's derived embeddings, see :func:`~erasekit.analysis.rece_images.derived_embedding_images`.
     """
 
     # 1. The run: its edit and config.
