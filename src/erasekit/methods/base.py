@@ -32,6 +32,8 @@ import torch
 
 from erasekit.edit import Edit, EraseRequest, with_touched_digest
 from erasekit.families import check_method
+from erasekit.families.memory import check_applies, memory_options
+from erasekit.finetune import FinetuneConfig
 from erasekit.options import (  # noqa: F401 - check_options_read, is_read, used_when_text: also read from here
     Preset,
     build_config,
@@ -149,7 +151,9 @@ def erase(
 
     ``preset`` picks the method's named preset (``paper`` or ``authors``; default: the one its paper's
     numbers came from, see ``erasekit methods``); ``overrides`` then change single options. The
-    edit's config records the preset and every resolved value.
+    edit's config records the preset and every resolved value. Memory options set on ``pipe``
+    (gradient checkpointing, 8-bit Adam: :mod:`erasekit.families.memory`) are refused with a
+    closed-form method, which would ignore them (:func:`check_memory_options`).
 
     Example::
 
@@ -168,10 +172,30 @@ def erase(
         raise ValueError(
             f"`config` for method {method!r} must be a {spec.config_class.__name__}, got {type(config).__name__}."
         )
+    check_memory_options(method, pipe)  # fine-tuning memory options with a closed-form method: refused
     check_method(method, pipe)  # a method that does not apply to the pipeline's family: one clear error
     edit = spec.fn(pipe, request, config, generator=generator, progress=progress)
     require_finite(edit)
     return with_touched_digest(record_preset(edit, config), pipe)
+
+
+def fine_tuned_methods() -> list[str]:
+    """The methods that fine-tune (their config is a :class:`~erasekit.finetune.FinetuneConfig`: they run
+    :func:`erasekit.finetune.finetune`, the only reader of the memory options), sorted."""
+    return [m for m, s in available_methods().items() if issubclass(s.config_class, FinetuneConfig)]
+
+
+def check_memory_options(method: str, pipe) -> None:
+    """Refuse memory options set on ``pipe`` (:func:`erasekit.families.memory.set_memory_options`: gradient
+    checkpointing, 8-bit Adam) that differ from the defaults when ``method`` is closed form (uce, rece, speed,
+    mace): it would silently ignore them. The library's counterpart of ``erasekit erase``'s flag check."""
+    try:
+        check_applies(memory_options(pipe), method, fine_tuned_methods())
+    except ValueError as e:
+        raise ValueError(
+            f"{e} They were set on this pipeline with erasekit.families.memory.set_memory_options; "
+            "`set_memory_options(pipe)` resets them to the defaults."
+        ) from None
 
 
 def require_finite(edit: Edit) -> None:
