@@ -186,3 +186,79 @@ def test_bad_run_dirs_and_arguments(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         build_run_report(run, pipe=tiny_pipe, seeds=SEEDS, sampling=FAST, progress=False)
     assert not (run / "report.html").exists()
+
+
+# ------------------------------------------------------------------ the documented run layout (run.json, eval/<protocol>/)
+def _layout_run(pipe, d):
+    """A layout-1 run through the API, as `erasekit erase --out d` makes it: run.json, edit/, an erase mark."""
+    from erasekit.rundir import RunDir
+
+    edit = erasekit.erase(pipe, REQ, method="uce", progress=False)
+    identity = {"method": edit.method, "config": edit.config, "request": edit.metadata()["request"]}
+    rd = RunDir.create(d, {**identity, "base": {"id": edit.base.get("id"), "fingerprint": edit.base["fingerprint"]}})
+    rd.save_edit(edit)
+    rd.mark("erase", "done")
+    return rd
+
+
+def test_layout_run_report_lists_the_metrics_of_every_evaluated_protocol(tiny_pipe_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+    from erasekit.html import table
+    from erasekit.rundir import RunDir
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["erase", "--model", str(tiny_pipe_dir), "--erase", "triangle", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    # protocol 1 by the CLI into RUN/eval/shapes-objects/; protocol 2 written as a real protocol writes it
+    args = ["evaluate", "--protocol", "shapes-objects", "--model", str(tiny_pipe_dir), "--edit", str(run)]
+    r = runner.invoke(app, [*args, "--n-per-class", "1", "--steps", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rd = RunDir.open(run)
+    rd.write_metrics("i2p", {"protocol": "i2p", "ner": {"0.6": 0.123}, "edit": str(run)})
+    # metrics files outside eval/<protocol>/ are not part of the layout's measurements
+    for stray in ("attacks/none", "analysis", "eval/shapes-objects/images", "eval-edited"):
+        write_json_atomic(run / stray / "metrics.json", {"protocol": "stray", "esr_1": 0.777, "edit": str(run)})
+    assert rd.evaluated() == ["i2p", "shapes-objects"] and not (run / "metrics.json").exists()
+
+    page = build_run_report(
+        run, pipe=load_pipeline(str(tiny_pipe_dir)), seeds=[0], sampling=SamplingConfig(steps=1), progress=False
+    ).read_text()
+
+    check_self_contained(page)
+    assert page.count("<h2>Metrics</h2>") == 1
+    for protocol in ("shapes-objects", "i2p"):
+        assert f"Protocol <b>{protocol}</b> (eval/{protocol}/metrics.json)" in page, protocol
+    # every headline number of eval/shapes-objects/metrics.json, in its table (the edited side: --edit RUN)
+    objects = headline_metrics(rd.metrics("shapes-objects"))
+    assert {"ESR-1", "PSR-1"} <= set(objects)
+    assert table(["metric", "edited"], [[k, "–" if v is None else v] for k, v in objects.items()]) in page
+    assert table(["metric", "edited"], [["NER@0.6", 0.123]]) in page and "12.3%" in page  # only in eval/i2p/
+    assert "stray" not in page and "77.7%" not in page
+    assert RunDir.open(run).stage("report")["status"] == "done"
+
+
+def test_layout_run_without_eval_still_renders(tiny_pipe, tmp_path):
+    rd = _layout_run(tiny_pipe, tmp_path / "run")
+    run = rd.path
+    # other stages present, but no protocol evaluated: an empty eval/ and an interrupted one without metrics.json
+    words = [f"w{i}" for i in range(4)]
+    orig = np.random.default_rng(0).uniform(20, 30, (4, 2))
+    Spectrum(words, [0, 1], orig, orig - 1.0, erased=["w0"], label="uce").save(rd.analysis_dir / "spectrum-uce.json")
+    write_json_atomic(rd.attack_dir("none") / "attack.json", {"attack": "none"})
+    (run / "eval" / "shapes-objects" / "images").mkdir(parents=True)
+    (run / "eval" / "shapes-objects" / "index.jsonl").write_text("")
+    assert rd.evaluated() == [] and not (run / "edit.json").exists()
+
+    path = build_run_report(run, pipe=tiny_pipe, seeds=SEEDS, sampling=FAST, progress=False)
+
+    assert path == rd.report_path and path.exists()
+    page = path.read_text()
+    check_self_contained(page)
+    assert "<h2>Metrics</h2>" not in page and "Protocol <b>" not in page
+    for text in ("uce erasing triangle", "Request", "Before / after", "Sensitivity spectrum (analysis)"):
+        assert text in page, text
+    assert "&quot;layout&quot;: 1" in page  # run.json is the run config shown (HTML-escaped)
+    assert rd.stage("report")["status"] == "done"
