@@ -72,6 +72,7 @@ from safetensors.torch import load_file
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from erasekit import lora_train
 from erasekit.edit import Edit, EraseRequest
 from erasekit.families import family_of
 from erasekit.families.memory import MasterWeights, describe, make_optimizer, memory_options
@@ -250,8 +251,6 @@ class FinetuneContext:
             self.unet = _structural_copy(self.denoiser, set(chosen))
             self.params: dict[str, torch.nn.Parameter] = {n: self.unet.get_parameter(n) for n in chosen}
         else:  # a rank-R LoRA on the chosen Linear layers (erasekit.lora_train); frozen original: lora_B = 0
-            from erasekit import lora_train
-
             self.lora_modules = lora_train.lora_modules(self.denoiser, chosen)
             lora_train.check_rank_fits(self.denoiser, self.lora_modules, lora_rank, train_method)
             self.unet = _structural_copy(self.denoiser, set())
@@ -297,9 +296,7 @@ class FinetuneContext:
         """The trainable parameters' current values, named as in the pipeline (``unet.<name>``); with a
         LoRA, the merged weights ``W_0 + B A`` of the adapted layers."""
         if self.lora_rank is not None:
-            from erasekit.lora_train import merged_tensors
-
-            return merged_tensors(self.unet, self.lora_modules)
+            return lora_train.merged_tensors(self.unet, self.lora_modules)
         return {f"{self.family.denoiser_name}.{n}": p.detach().clone() for n, p in self.params.items()}
 
     # -------------------------------------------------------------- z_t
@@ -895,10 +892,8 @@ def _finetune(
         trace["log_path"] = str(train_dir / LOG_JSONL)
     aux: dict[str, torch.Tensor] = {}
     if lora_rank is not None:
-        from erasekit.lora_train import factor_tensors
-
         trace["lora"] = {"rank": lora_rank, "modules": len(ctx.lora_modules)}
-        aux = factor_tensors(ctx.unet, ctx.lora_modules)
+        aux = lora_train.factor_tensors(ctx.unet, ctx.lora_modules)
     edit = Edit(
         tensors=ctx.current_tensors(),
         method=method,

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import torch
 
+from erasekit.eval.clip_score import ClipScorer
+from erasekit.world import clip as wclip
+from erasekit.world.tokenizer import load_clip_tokenizer
+
 TOKENIZER_DIR = Path(__file__).parent / "world" / "assets" / "clip-tokenizer"
 
 
@@ -17,8 +21,6 @@ def tiny_pipeline(seed: int = 0, *, image_size: int = 32, cross_dim: int = 32):
     """A random-weight ``StableDiffusionPipeline`` (UNet 2 levels, 32-wide CLIP, VAE x2, DDIM)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from erasekit.world.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -128,8 +130,6 @@ def tiny_sd2_pipeline(seed: int = 0, *, prediction_type: str = "v_prediction", i
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from erasekit.world.tokenizer import load_clip_tokenizer
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=image_size // 2,
@@ -173,8 +173,6 @@ def tiny_sdxl_pipeline(seed: int = 0, *, image_size: int = 32):
     a ``text_time`` UNet with SDXL's block layout (no attention at the first level), Euler scheduler."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from erasekit.world.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -221,8 +219,6 @@ def tiny_sd3_pipeline(seed: int = 0, *, image_size: int = 32, max_sequence_lengt
     Euler scheduler with SD3's shift 3."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
-
-    from erasekit.world.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -289,10 +285,6 @@ TINY_CLIP = dict(
 
 def tiny_clip_scorer(seed: int = 0, batch_size: int = 64, name: str | None = None):
     """A :class:`~erasekit.eval.clip_score.ClipScorer` over a random tiny CLIP (real transformers classes)."""
-    from erasekit.eval.clip_score import ClipScorer
-    from erasekit.world import clip as wclip
-    from erasekit.world.tokenizer import load_clip_tokenizer
-
     recipe = wclip.ClipRecipe(seed=seed, **TINY_CLIP)
     return ClipScorer(
         wclip.build_clip(recipe),

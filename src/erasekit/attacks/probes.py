@@ -62,7 +62,15 @@ import torch
 from PIL import Image
 
 from erasekit.attacks.asr import attack_asr, concept_judge, default_prompts
-from erasekit.attacks.base import Attack, AttackContext, AttackOutput, register_attack, run_attack
+from erasekit.attacks.base import (
+    Attack,
+    AttackContext,
+    AttackOutput,
+    get_attack,
+    make_attack_config,
+    register_attack,
+    run_attack,
+)
 from erasekit.eval.detectors import Detector, load_detector
 from erasekit.eval.generate import SamplingConfig, initial_latents
 from erasekit.eval.metrics import wilson_interval
@@ -543,8 +551,6 @@ def run_probes(
     of each probe (``{"inpaint": {"mask": "left"}, "noise": {"images": "DIR"}}``). With ``out_dir``
     every run is resumable under ``out_dir/levels/<level>/<probe>/``.
     """
-    from erasekit.attacks.base import get_attack, make_attack_config
-
     t_all = time.perf_counter()
     probes = list(probes)
     bad = [p for p in probes if p not in LEVEL_FIELD]

@@ -14,6 +14,10 @@ from typing import Annotated
 import typer
 
 from erasekit.cli.common import App
+from erasekit.study.api import run_study, status, study_dir_for
+from erasekit.study.plots import write_plots
+from erasekit.study.spec import load_spec
+from erasekit.study.tables import write_tables
 
 app = App(
     help="Studies: method x concept x seed grids to the paper's operating point (docs/studies.md).",
@@ -47,8 +51,6 @@ def run(
     max_cells: Annotated[int | None, typer.Option(help="Stop after this many cells.")] = None,
 ) -> None:
     """Run every cell not done yet (a done cell is skipped, a failed one retried); write the tables."""
-    from erasekit.study.api import run_study
-
     out = run_study(
         spec,
         directory,
@@ -71,9 +73,6 @@ def run(
 @app.command("status")
 def status_cmd(spec: SpecArg, directory: DirOpt = None) -> None:
     """Each cell's state: done, failed (with its error), started, todo."""
-    from erasekit.study.api import status
-    from erasekit.study.spec import load_spec
-
     st = status(load_spec(spec, check_model=False), directory)
     for c in st["cells"]:
         extra = f"  {c['error']}" if c.get("error") else (f"  ({c['checks']} checks)" if "checks" in c else "")
@@ -88,10 +87,6 @@ def table(
     out: Annotated[Path | None, typer.Option(help="Folder for the tables (default: the study folder).")] = None,
 ) -> None:
     """Write results.csv/json (tidy), table.md (the papers' layout), timing.md, curves.json; print table.md."""
-    from erasekit.study.api import study_dir_for
-    from erasekit.study.spec import load_spec
-    from erasekit.study.tables import write_tables
-
     s = load_spec(spec, check_model=False)
     d = study_dir_for(s, directory)
     paths = write_tables(s, d, out or d)
@@ -105,10 +100,6 @@ def plot(
     out: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default: the study folder).")] = None,
 ) -> None:
     """Write esr_psr.png (ESR-PSR curves per method) and asr.png (ASR per attack)."""
-    from erasekit.study.api import study_dir_for
-    from erasekit.study.plots import write_plots
-    from erasekit.study.spec import load_spec
-
     s = load_spec(spec, check_model=False)
     d = study_dir_for(s, directory)
     for name, path in write_plots(s, d, out or d).items():

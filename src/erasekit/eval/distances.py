@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from erasekit.eval.real_detectors import torchvision_weights
+from erasekit.io import file_digest
+
 # LPIPS's ScalingLayer constants (inputs in [-1, 1]).
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -191,7 +194,6 @@ def load_lpips(
         raise ImportError("LPIPS needs torchvision: pip install 'erasekit[real]'.") from e
     if net not in _LPIPS_NETS:
         raise ValueError(f"`net` must be one of {sorted(_LPIPS_NETS)}, got {net!r}.")
-    from erasekit.eval.real_detectors import torchvision_weights
 
     builder, weights_enum = (
         (torchvision.models.alexnet, torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
@@ -216,7 +218,6 @@ def load_lpips(
             "LPIPS linear weights not found: install the `lpips` package (pip install 'erasekit[real]') "
             f"or pass `lin_weights` = the path of its weights/v0.1/{net}.pth."
         )
-    from erasekit.io import file_digest
 
     w = lpips_linear_weights(path, net)
     version = f"v0.1-{net}-lin:{file_digest(path)}-torchvision:{torchvision.__version__}"
@@ -356,7 +357,6 @@ def load_inception(
             f"FID Inception weights not found at {str(path)!r}. Download {INCEPTION_URL} where the internet is "
             "reachable and put it there (or pass `weights`)."
         )
-    from erasekit.io import file_digest
 
     net = NoTrainInceptionV3(
         name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from erasekit.eval.metrics import exposure_rate
 from erasekit.eval.prompt_files import IMAGENETTE
 from erasekit.io import file_digest
 
@@ -236,8 +237,6 @@ def nudity_summary(
       (RECE Table 1 counts detections at 0.6; an image can contribute several), and their ``total``;
     * ``images_with_part``: number of images with at least one such detection, per label.
     """
-    from erasekit.eval.metrics import exposure_rate
-
     scores = exposed_scores(detections, labels)  # (N, L)
     ner = {f"{t:g}": exposure_rate(scores, t) if len(scores) else float("nan") for t in thresholds}
     parts = dict.fromkeys(labels, 0)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from erasekit._version import __version__
 from erasekit.eval.clip_score import ClipScorer
+from erasekit.eval.distances import GaussianStats, frechet_distance, load_inception, load_lpips
 from erasekit.eval.distributed import generate_items, merge_index, unique_items
 from erasekit.eval.generate import PromptItem, SamplingConfig, load_images
 from erasekit.eval.metrics import esr_k, psr_k
@@ -50,11 +51,19 @@ from erasekit.eval.prompt_files import (
     prompts_info,
 )
 from erasekit.eval.protocols import topk_table
-from erasekit.eval.real_detectors import EXPOSED_LABELS, NER_THRESHOLDS, PART_THRESHOLD, nudity_summary
+from erasekit.eval.real_detectors import (
+    EXPOSED_LABELS,
+    NER_THRESHOLDS,
+    PART_THRESHOLD,
+    NudeNetDetector,
+    load_resnet50,
+    nudity_summary,
+)
 from erasekit.eval.registry import register_protocol
 from erasekit.eval.runtime import runtime_info
 from erasekit.families import check_protocol
-from erasekit.io import write_json_atomic
+from erasekit.io import write_json_atomic, write_text_atomic
+from erasekit.pipeline import base_info
 
 DEFAULT_ARTIST_CLIP = "openai/clip-vit-base-patch32"  # AP's eval_artist.py
 DEFAULT_COCO_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics CLIPScore's default
@@ -98,8 +107,6 @@ def _summary(values: Sequence[float] | np.ndarray) -> dict[str, float | int | No
 def _base_result(
     protocol: str, pipe, items_info: dict[str, Any] | None, sampling: SamplingConfig | None, n: int
 ) -> dict[str, Any]:
-    from erasekit.pipeline import base_info
-
     return {
         "protocol": protocol,
         "model": base_info(pipe),
@@ -177,8 +184,6 @@ def imagenette(
     items = imagenette_items(prompts, classes=erased + preserved, n_per_class=n_per_class, seed=seed)
     records = generate_run(pipe, items, out, sampling, progress)
     if classifier is None:
-        from erasekit.eval.real_detectors import load_resnet50
-
         classifier = load_resnet50(device=device)
     probs = []
     for _, imgs in tqdm(
@@ -251,8 +256,6 @@ def i2p(
     items = i2p_items(prompts, categories=categories, guidance_from_file=guidance_from_file, limit=limit)
     records = generate_run(pipe, items, out, sampling, progress)
     if detector is None:
-        from erasekit.eval.real_detectors import NudeNetDetector
-
         detector = NudeNetDetector()
     # detect each distinct image once; rows sharing (prompt, seed) share its detections
     uniq = unique_items(items)
@@ -268,7 +271,6 @@ def i2p(
             lines.append({"prompt": r["prompt"], "seed": r["seed"], "path": r["path"], "detections": dets})
     import json
 
-    from erasekit.io import write_text_atomic
 
     write_text_atomic(out / "nudenet.jsonl", "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
     per_row = [found[(r["prompt"], r["seed"])] for r in records]
@@ -340,8 +342,6 @@ def artists(
     lp = None
     if ref_records is not None and lpips is not None:
         if lpips == "default":
-            from erasekit.eval.distances import load_lpips
-
             lpips = load_lpips("alex", device=device)
         lp = lpips
     clip_scores = np.full(len(items), np.nan)
@@ -454,7 +454,6 @@ def coco(
         raise ValueError(
             "Pass either `reference_images` (a folder) or `reference`/`reference_dir` (the original model), not both."
         )
-    from erasekit.eval.distances import GaussianStats, frechet_distance
 
     out = _run_dir(out_dir)
     t0 = time.time()
@@ -465,8 +464,6 @@ def coco(
         reference is not None or reference_dir is not None or reference_images is not None
     )
     if want_fid and features == "default":
-        from erasekit.eval.distances import load_inception
-
         features = load_inception(device=device)
     clip_scores = np.full(len(items), np.nan)
     gen_stats = GaussianStats()

@@ -48,6 +48,7 @@ from erasekit.edit import EDIT_META, Edit, EraseRequest, edit_folder
 from erasekit.eval.detectors import load_detector
 from erasekit.eval.generate import SamplingConfig, generate_images, parse_seeds
 from erasekit.eval.protocols import evaluate
+from erasekit.eval.real_detectors import NudeNetDetector
 from erasekit.finetune import FinetuneConfig, latest_checkpoint
 from erasekit.io import read_jsonl
 from erasekit.methods.base import field_default, get_method, make_config
@@ -209,8 +210,6 @@ def verdict_detector(model: str) -> Any:
     if model == "shapes":
         return load_detector("shapes")
     try:
-        from erasekit.eval.real_detectors import NudeNetDetector
-
         return NudeNetDetector()
     except ImportError:
         return False
