@@ -25,9 +25,8 @@ from erasekit.cli.common import (
 )
 from erasekit.eval.generate import parse_seeds
 from erasekit.families.memory import OPTIMIZERS, MemoryOptions, check_applies, set_memory_options
-from erasekit.finetune import FinetuneConfig
 from erasekit.methods.base import erase as erasekit_erase
-from erasekit.methods.base import field_default, make_config, preset_diff, used_when_text
+from erasekit.methods.base import field_default, fine_tuned_methods, make_config, preset_diff, used_when_text
 from erasekit.methods.hide import KEY_META, RecoverConfig, RecoveryKey, check_key_dir
 from erasekit.methods.hide import recover as run
 from erasekit.pipeline import base_info
@@ -102,8 +101,7 @@ def erase(
     fine-tuned methods only."""
     spec = get_method(method)
     memory = MemoryOptions(gradient_checkpointing=gradient_checkpointing, optimizer=optimizer or "adam")
-    fine_tuned = [m for m, s in available_methods().items() if issubclass(s.config_class, FinetuneConfig)]
-    check_applies(memory, method, fine_tuned, given=["optimizer"] if optimizer is not None else [])
+    check_applies(memory, method, fine_tuned_methods(), given=["optimizer"] if optimizer is not None else [])
     dt, dev = check_runtime(dtype, device)  # a dtype the device cannot run: refused before the (long) load
     if report:  # parsed before the (long) erase, so a bad value fails first
         try:

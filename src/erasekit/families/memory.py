@@ -17,7 +17,8 @@ parameters, gradient checkpointing, and 8-bit Adam (when bitsandbytes is importa
 
 Set them on a pipeline with :func:`set_memory_options`; :func:`memory_options` reads them back
 (defaults: no checkpointing, plain Adam). Only the fine-tuning loop reads them: :func:`check_applies`
-refuses them for a closed-form method (``erasekit erase --gradient-checkpointing / --optimizer``).
+refuses them for a closed-form method, both in ``erasekit erase --gradient-checkpointing / --optimizer``
+and in the library's :func:`erasekit.erase` (``methods.base.check_memory_options``).
 """
 
 from __future__ import annotations
