@@ -17,6 +17,8 @@ import torch
 
 
 def _last_word(pipe, prompts: Sequence[str]) -> list[int]:
+    if not prompts:  # nothing preserved (the paper preset without `preserve`): the tokenizer refuses []
+        return []
     tok = pipe.tokenizer(
         list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True
     )
@@ -47,13 +49,17 @@ def per_block_uce(
     config,
     *,
     preserve_scale: float,
-    solve: Callable[..., torch.Tensor],
+    solve: Callable[..., dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """UCE's closed form solved per block with each block's own K/V inputs; new weights by parameter name.
 
     ``config`` is a :class:`~erasekit.methods.uce.UCEConfig` (``projections`` ``to_k``/``to_v`` name the
-    family's key/value projections, ``add_k_proj``/``add_v_proj`` on SD3); ``solve`` is
-    :func:`erasekit.methods.uce.uce_closed_form` (passed in: this module sits below the methods)."""
+    family's key/value projections, ``add_k_proj``/``add_v_proj`` on SD3). A block's key and value
+    projections read the same inputs, and UCE's factor depends only on the inputs, so each block is ONE
+    call ``solve(weights, c_i, c_i*, c_j, erase_scale=, preserve_scale=, lamb=)`` for all its edited
+    projections (``weights``: the block's tensors by parameter name): one float64 factorisation per
+    block, applied to its K and V. ``solve`` is :func:`erasekit.methods.closed_form.uce_edit_weights`
+    (passed in: this module sits below the methods)."""
     unique = list(dict.fromkeys([*erased, *targets, *preserved]))
     inputs = fam.kv_inputs(pipe, unique)  # module -> (len(unique), T, d)
     row = {p: i for i, p in enumerate(unique)}
@@ -71,12 +77,14 @@ def per_block_uce(
             cp = _aligned(xp, xp, idx_p, idx_p, config.preserve_positions, length)[0]
         else:
             cp = torch.zeros(0, x.shape[-1])
-        for proj in config.projections:
-            layer = getattr(attn, proj_names[proj])
-            w_old = layer.weight.detach()
-            dev = w_old.device
-            out[f"{fam.denoiser_name}.{mod_name}.{proj_names[proj]}.weight"] = solve(
-                w_old,
+        weights = {
+            f"{fam.denoiser_name}.{mod_name}.{proj_names[proj]}.weight": getattr(attn, proj_names[proj]).weight.detach()
+            for proj in config.projections
+        }
+        dev = next(iter(weights.values())).device
+        out.update(
+            solve(
+                weights,
                 ci.to(dev),
                 ct.to(dev),
                 cp.to(dev),
@@ -84,4 +92,5 @@ def per_block_uce(
                 preserve_scale=preserve_scale,
                 lamb=config.lamb,
             )
+        )
     return out

@@ -12,8 +12,11 @@ projections:
 
   so one Cholesky factorisation of the symmetric positive definite ``R`` (lam > 0) and one
   triangular solve give ``M``; each projection then costs one (out, d) x (d, d) matmul instead of
-  its own (d, d) solve (:func:`uce_factor`, :func:`apply_factor`, :func:`shared_closed_form_edit`,
-  which returns exactly what :func:`erasekit.methods.uce.closed_form_edit` returns).
+  its own (d, d) solve (:func:`uce_factor`, :func:`apply_factor`, :func:`uce_edit_weights`,
+  :func:`shared_closed_form_edit`, which returns exactly what :func:`erasekit.methods.uce.closed_form_edit`
+  returns). On SD3 each joint block's ``add_k_proj``/``add_v_proj`` read their own inputs, so the
+  factor is shared per block (:func:`erasekit.families.closed_forms.per_block_uce` with
+  :func:`uce_edit_weights`).
 * **SPEED** (null-space constrained edit, Li et al. 2025; see :mod:`erasekit.methods.speed`):
   ``W_new = W + W N`` with ``N`` from :func:`speed_factor`; ``N`` is shared when the retained set
   (and so the projector ``P``) is shared.
@@ -373,11 +376,43 @@ def shared_closed_form_edit(
         raise ValueError(
             "`preserve_scale` is None (the authors' rule): resolve it with config.resolved_preserve_scale(n)."
         )
-    kw = dict(erase_scale=config.erase_scale, preserve_scale=scale, lamb=config.lamb)
     ws = kv_weights_for(pipe, config.projections, weights)
+    return uce_edit_weights(
+        ws,
+        erase_in,
+        erase_target,
+        preserve,
+        erase_scale=config.erase_scale,
+        preserve_scale=scale,
+        lamb=config.lamb,
+        dtype=dtype,
+    )
+
+
+def uce_edit_weights(
+    weights: Mapping[str, torch.Tensor],
+    erase_in: torch.Tensor,
+    erase_target: torch.Tensor,
+    preserve: torch.Tensor,
+    *,
+    erase_scale: float = 1.0,
+    preserve_scale: float = 1.0,
+    lamb: float = 0.5,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """UCE's edit (RECE eq. 3) of every (out, d) weight in ``weights`` that reads the vectors ``erase_in``
+    / ``preserve``, with ONE factorisation for all of them; new tensors by the names of ``weights``.
+
+    The factor depends only on the inputs, never on ``W``, so every projection reading them shares it:
+    all of a UNet's K/V projections (:func:`shared_closed_form_edit`), or one SD3 block's ``add_k_proj``
+    and ``add_v_proj`` (:func:`erasekit.families.closed_forms.per_block_uce`). With fewer erased rows than
+    d/2 the low-rank form :func:`uce_factor_lowrank` (``W + (W A) B``), else ``W M`` with
+    :func:`uce_factor`; products in ``dtype`` (float64), one cast back to each weight's dtype. Equals
+    :func:`erasekit.methods.uce.uce_closed_form` on each weight to float64 rounding."""
+    kw = dict(erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb)
     if erase_in.shape[0] < erase_in.shape[1] // 2:  # few erased rows: M - I has low rank
-        return apply_lowrank(ws, *uce_factor_lowrank(erase_in, erase_target, preserve, **kw), dtype=dtype)
-    return apply_factor(ws, uce_factor(erase_in, erase_target, preserve, **kw), dtype=dtype)
+        return apply_lowrank(weights, *uce_factor_lowrank(erase_in, erase_target, preserve, **kw), dtype=dtype)
+    return apply_factor(weights, uce_factor(erase_in, erase_target, preserve, **kw), dtype=dtype)
 
 
 def kv_gram(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:

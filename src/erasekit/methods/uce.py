@@ -53,7 +53,7 @@ from erasekit.edit import Edit, EraseRequest
 from erasekit.families import family_of
 from erasekit.families.closed_forms import per_block_uce
 from erasekit.methods.base import register
-from erasekit.methods.closed_form import PromptEmbeddings, shared_closed_form_edit
+from erasekit.methods.closed_form import PromptEmbeddings, shared_closed_form_edit, uce_edit_weights
 from erasekit.pipeline import base_info, encode_prompts, last_token_index
 
 POSITIONS = ("from_last_word", "all")
@@ -259,7 +259,7 @@ def erase_uce(pipe, request: EraseRequest, config: UCEConfig, *, generator=None,
     if not fam.shared_kv_inputs():  # SD3: each block's K/V read their own text stream (erasekit.families)
         t_text, p_text = 0.0, 0.0  # the per-block solve encodes inside; its time is all "closed_form"
         tensors = per_block_uce(
-            pipe, fam, erased, targets, preserved, config, preserve_scale=scale, solve=uce_closed_form
+            pipe, fam, erased, targets, preserved, config, preserve_scale=scale, solve=uce_edit_weights
         )
     else:
         table = PromptEmbeddings(pipe, erased + targets + preserved)  # each distinct prompt encoded once
