@@ -9,6 +9,8 @@ counting the factorisations.
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -160,3 +162,54 @@ def test_per_block_uce_in_float64_equals_the_per_projection_solve_to_rounding(pi
         pipe.transformer.float()
         for n, p in pipe.transformer.named_parameters():
             assert torch.equal(p, original[n])
+
+
+class _WideBlocks:
+    """A stand-in family with SD3's per-block K/V inputs at d = 256 (the tiny pipeline's 16-d blocks never
+    have fewer erased rows than d/2): 3 blocks, seeded random inputs per prompt and block."""
+
+    denoiser_name, kv_names, d = "transformer", ("add_k_proj", "add_v_proj"), 256
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.blocks = {f"transformer_blocks.{i}.attn": torch.nn.Module() for i in range(3)}
+        for attn in self.blocks.values():
+            for n in self.kv_names:
+                attn.add_module(n, torch.nn.Linear(self.d, 64, bias=False))
+
+    def kv_modules(self, pipe):
+        return self.blocks
+
+    def kv_inputs(self, pipe, prompts, **_):
+        def rows(p, n):
+            g = torch.Generator().manual_seed(zlib.crc32(f"{n}\0{p}".encode()))
+            return torch.randn(77 + 8, self.d, generator=g)
+
+        return {n: torch.stack([rows(p, n) for p in prompts]) for n in self.blocks}
+
+
+def test_per_block_uce_low_rank_form_factors_once_per_block_and_matches(monkeypatch, one_thread):
+    from erasekit.testing import TOKENIZER_DIR
+    from erasekit.world.tokenizer import load_clip_tokenizer
+
+    class _Pipe:
+        tokenizer = load_clip_tokenizer(TOKENIZER_DIR)
+
+    pipe, fam = _Pipe(), _WideBlocks()
+    seen, calls = _capture_and_count(monkeypatch, fam)
+    cfg = make_config("uce")
+    erased, targets, preserved = uce_prompts(EraseRequest(erase=["triangle"], preserve=["square"]), cfg)
+    s_p = cfg.resolved_preserve_scale(len(preserved))
+    out = per_block_uce(
+        pipe, fam, erased, targets, preserved, cfg, preserve_scale=s_p, solve=closed_form.uce_edit_weights
+    )
+    assert [name for name, _ in calls] == ["uce_factor_lowrank"] * len(fam.blocks)  # < d/2 erased rows
+    for mod, attn in fam.blocks.items():
+        ci, ct, cp = _block_vectors(pipe, seen[mod], erased, targets, preserved, cfg)
+        assert ci.shape[0] < fam.d // 2
+        for proj in fam.kv_names:
+            w_old = getattr(attn, proj).weight.detach()
+            w_solve, _ = _per_projection(w_old, ci, ct, cp, cfg.erase_scale, s_p, cfg.lamb)
+            torch.testing.assert_close(
+                out[f"transformer.{mod}.{proj}.weight"].double(), w_solve, rtol=1.2e-7, atol=1e-9
+            )
