@@ -26,7 +26,7 @@ transformer forward per 16 prompts (SD3) for a real model. Printed as a table an
 ``--out`` (JSON) with the settings and the load average. Each row also has ``cpu_seconds`` (the
 process's CPU time: one thread, so it moves less with the machine's load than the wall seconds) and
 ``standin_seconds`` (inside the timed call, the time spent making the random stand-in conditioning /
-block inputs; for SD3 also ``solve_seconds``, the time in the per-projection solves).
+block inputs; for SD3 also ``solve_seconds``, the time in the per-block solves).
 
 **Check** (unless ``--no-check``; after each row, not timed): SDXL UCE rows compare the edit
 ``erasekit.erase`` made (one shared float64 factor for all projections,
@@ -34,9 +34,9 @@ block inputs; for SD3 also ``solve_seconds``, the time in the per-projection sol
 :func:`erasekit.methods.uce.uce_closed_form` on the same inputs, for one 640- and one 1280-wide
 ``to_k`` and ``to_v``: the max abs difference is printed and stored in the row (``check``), next to
 the largest change the edit makes. SD3 rows solve block 0 twice through ``per_block_uce``: with the
-per-projection solve it uses and with one shared factor for the block's K and V (what the UNet
-families do, :func:`erasekit.methods.closed_form.uce_factor`): the max abs difference and the two
-solve times (x 24 blocks estimates what a shared per-block factor would take).
+one shared float64 factor for the block's K and V that UCE uses
+(:func:`erasekit.methods.closed_form.uce_edit_weights`) and with the previous per-projection solve
+:func:`erasekit.methods.uce.uce_closed_form`: the max abs difference and the two solve times.
 
     nice python bench/family_edit_time.py --out bench/results/families/edit_time.json
     python bench/family_edit_time.py --counts 1 --families sd3     # smoke test
@@ -60,7 +60,7 @@ from erasekit.families.closed_forms import per_block_uce
 from erasekit.families.sd3 import SD3Adapter
 from erasekit.io import write_json_atomic
 from erasekit.methods.base import make_config
-from erasekit.methods.closed_form import PromptEmbeddings, apply_factor, apply_lowrank, uce_factor, uce_factor_lowrank
+from erasekit.methods.closed_form import PromptEmbeddings, uce_edit_weights
 from erasekit.methods.uce import uce_closed_form, uce_embeddings, uce_prompts
 from erasekit.pipeline import cross_attention_modules
 from erasekit.testing import TOKENIZER_DIR
@@ -158,31 +158,20 @@ class BenchSD3(SD3Adapter):
 
 
 class _TimedSolve:
-    """A ``solve`` for ``per_block_uce`` that adds up the time spent in it. ``shared=True`` solves with one
-    float64 factor per block (computed on the block's first projection, reused for the second: both read
-    the same inputs), as ``shared_closed_form_edit`` does for the UNet's projections (low-rank form below
-    d/2 erased rows); else the per-projection solve ``uce_closed_form`` that ``per_block_uce`` is given."""
+    """A block ``solve`` for ``per_block_uce`` that adds up the time spent in it: by default what UCE passes,
+    :func:`~erasekit.methods.closed_form.uce_edit_weights` (one float64 factor per block, applied to its K and
+    V; low-rank form below d/2 erased rows); ``per_projection=True``: the previous path, the float64 solve
+    ``uce_closed_form`` once per projection."""
 
-    def __init__(self, shared: bool = False) -> None:
-        self.shared, self.seconds, self._key, self._factor = shared, 0.0, None, None
+    def __init__(self, per_projection: bool = False) -> None:
+        self.per_projection, self.seconds = per_projection, 0.0
 
-    def __call__(self, w_old, ci, ct, cp, **kw) -> torch.Tensor:
+    def __call__(self, weights, ci, ct, cp, **kw) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        if not self.shared:
-            out = uce_closed_form(w_old, ci, ct, cp, **kw)
+        if self.per_projection:
+            out = {name: uce_closed_form(w, ci, ct, cp, **kw) for name, w in weights.items()}
         else:
-            key = (id(ci), id(ct), id(cp))
-            if key != self._key:
-                lowrank = ci.shape[0] < ci.shape[1] // 2
-                self._key = key
-                self._factor = (
-                    lowrank,
-                    uce_factor_lowrank(ci, ct, cp, **kw) if lowrank else uce_factor(ci, ct, cp, **kw),
-                )
-            lowrank, f = self._factor
-            w = {"w": w_old}
-            new = apply_lowrank(w, *f, dtype=torch.float64) if lowrank else apply_factor(w, f, dtype=torch.float64)
-            out = new["w"]
+            out = uce_edit_weights(weights, ci, ct, cp, **kw)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -262,12 +251,12 @@ def _sd3_uce(fam: BenchSD3, n: int, solve: _TimedSolve) -> dict[str, torch.Tenso
 
 def check_sd3_block(n: int) -> dict:
     """Block 0 (same inputs as in the timed run: the stand-in is seeded by prompt and block name), solved
-    per projection (what per_block_uce is given) and with one shared factor for its K and V."""
-    per, shared = _TimedSolve(), _TimedSolve(shared=True)
+    with one shared factor for its K and V (what UCE does) and per projection (the previous path)."""
+    per, shared = _TimedSolve(per_projection=True), _TimedSolve()
     fam = BenchSD3(blocks=1)
     a, b = _sd3_uce(fam, n, per), _sd3_uce(fam, n, shared)
     return {
-        "what": "block 0: per-projection uce_closed_form (per_block_uce today) vs one shared float64 factor for add_k/add_v",
+        "what": "block 0: one shared float64 factor for add_k/add_v (UCE's per_block_uce) vs per-projection uce_closed_form",
         "max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
         # names are "transformer.<param>": the bench's denoiser root holds "<param>"
         "max_abs_edit": max(float((a[k] - fam.root.get_parameter(k.split(".", 1)[1]).detach()).abs().max()) for k in a),
@@ -352,7 +341,7 @@ def main() -> None:
                     flush=True,
                 )
                 if "solve_seconds" in res:
-                    print(f"      per-projection solves: {res['solve_seconds']:.2f} s", flush=True)
+                    print(f"      per-block solves: {res['solve_seconds']:.2f} s", flush=True)
                 if "check" in res:
                     print("      check:", {k: v for k, v in res["check"].items() if k != "projections"}, flush=True)
     print("\n| family | method | " + " | ".join(map(str, counts)) + " |\n|---|---|" + "---|" * len(counts))

@@ -376,3 +376,31 @@ def test_a_generation_folder_that_failed_before_its_first_image_takes_new_settin
     assert len(recs) == len(items)
     with pytest.raises(Exception, match="steps"):  # with images in it, other settings are refused again
         generate(pipe, items, out, SamplingConfig(steps=3, batch_size=2), progress=False)
+
+
+def test_a_resume_with_another_thread_count_is_recorded_and_warned(tmp_pipe_items):
+    """Images can differ by a grey level between torch thread counts: the folder records every count that
+    wrote into it, and a resume at another count warns instead of mixing silently."""
+    import json
+    import warnings
+
+    import torch
+
+    from erasekit.eval.generate import ThreadCountWarning
+
+    pipe, items, out = tmp_pipe_items
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        generate(pipe, items[:1], out, SamplingConfig(steps=2, batch_size=1), progress=False)
+        assert json.loads((out / "generation.json").read_text())["torch_threads"] == [1]
+        torch.set_num_threads(2)
+        with pytest.warns(ThreadCountWarning, match=r"thread count\(s\) \[1\]; this process uses 2"):
+            generate(pipe, items, out, SamplingConfig(steps=2, batch_size=1), progress=False)
+        assert json.loads((out / "generation.json").read_text())["torch_threads"] == [1, 2]
+        with warnings.catch_warnings():  # nothing left to generate: no warning
+            warnings.simplefilter("error")
+            generate(pipe, items, out, SamplingConfig(steps=2, batch_size=1), progress=False)
+    finally:
+        torch.set_num_threads(before)
+

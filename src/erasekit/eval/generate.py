@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -253,6 +254,8 @@ def generate_locked(
     out = folder.path
     done = {(r["prompt"], r["seed"]): r for r in read_index(out, index_name)}
     todo = [it for it in items if (it.prompt, it.seed) not in done]
+    if todo:
+        note_threads(folder)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="img", disable=not progress)
     for s in range(0, len(todo), cfg.batch_size):
         batch = todo[s : s + cfg.batch_size]
@@ -304,6 +307,34 @@ def generation_folder(
         ) from None
     (folder.path / "images").mkdir(parents=True, exist_ok=True)
     return folder
+
+
+class ThreadCountWarning(RuntimeWarning):
+    """A generation folder is resumed with another torch thread count than its images were made with."""
+
+
+def note_threads(folder: ResumableDir) -> None:
+    """Record this process's torch thread count in the folder's ``generation.json`` (``torch_threads``: every
+    count that wrote images there) and warn when images already there were made with another one.
+
+    CPU convolutions split their sums by thread, so an image can differ by a grey level between thread
+    counts (found by the fault-injection tests): a resume at another count is allowed (a machine with
+    other cores must be able to finish a run) but not silent, and the folder says which counts made it.
+    """
+    threads = torch.get_num_threads()
+    seen = list(folder.meta.get("torch_threads") or [])
+    if threads in seen:
+        return
+    if seen and holds_images(folder.path):
+        warnings.warn(
+            f"{str(folder.path)!r} holds images made with torch thread count(s) {seen}; this process uses {threads}. "
+            "CPU results can differ by a grey level between thread counts, so the resumed images may not be "
+            f"byte-identical to an uninterrupted run: set OMP_NUM_THREADS={seen[0]} (or torch.set_num_threads) "
+            "to resume exactly.",
+            ThreadCountWarning,
+            stacklevel=3,
+        )
+    folder.update_meta(torch_threads=[*seen, threads])
 
 
 def holds_images(out: str | Path) -> bool:
