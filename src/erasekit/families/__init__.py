@@ -120,29 +120,28 @@ PROTOCOL_SUPPORT: dict[str, dict[str, str | None]] = {
 }
 
 
+def _check_support(table: dict[str, dict[str, str | None]], kind: str, name: str, pipe) -> FamilyAdapter:
+    """Refuse ``kind`` ``name`` on ``pipe``'s family when ``table`` gives a reason, naming family and reason."""
+    fam = family_of(pipe)
+    reason = table.get(name, {}).get(fam.name)
+    if reason is not None:
+        ok = [f for f, r in table[name].items() if r is None]
+        raise FamilyError(
+            f"{kind} {name!r} does not run on {fam.title} ({fam.name}): {reason}. It runs on: {', '.join(ok)}."
+        )
+    return fam
+
+
 def check_protocol(name: str, pipe) -> FamilyAdapter:
     """Refuse evaluation protocol ``name`` on ``pipe``'s family when it does not run there (naming family
     and reason; :data:`PROTOCOL_SUPPORT`)."""
-    fam = family_of(pipe)
-    reason = PROTOCOL_SUPPORT.get(name, {}).get(fam.name)
-    if reason is not None:
-        ok = [f for f, r in PROTOCOL_SUPPORT[name].items() if r is None]
-        raise FamilyError(
-            f"Protocol {name!r} does not run on {fam.title} ({fam.name}): {reason}. It runs on: {', '.join(ok)}."
-        )
-    return fam
+    return _check_support(PROTOCOL_SUPPORT, "Protocol", name, pipe)
 
 
 def check_attack(name: str, pipe) -> FamilyAdapter:
-    """Refuse attack ``name`` on ``pipe``'s family when it does not run there (naming family and reason)."""
-    fam = family_of(pipe)
-    reason = ATTACK_SUPPORT.get(name, {}).get(fam.name)
-    if reason is not None:
-        ok = [f for f, r in ATTACK_SUPPORT[name].items() if r is None]
-        raise FamilyError(
-            f"Attack {name!r} does not run on {fam.title} ({fam.name}): {reason}. It runs on: {', '.join(ok)}."
-        )
-    return fam
+    """Refuse attack ``name`` on ``pipe``'s family when it does not run there (naming family and reason;
+    :data:`ATTACK_SUPPORT`)."""
+    return _check_support(ATTACK_SUPPORT, "Attack", name, pipe)
 
 
 def family_named(name: str) -> FamilyAdapter:
