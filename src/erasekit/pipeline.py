@@ -132,7 +132,7 @@ def load_pipeline(
     kwargs: dict[str, Any] = {"use_safetensors": True}
     sd_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs["dtype"] = dtype  # `torch_dtype` is deprecated in the pinned diffusers (0.42)
     if revision is not None and (name in BUNDLED or Path(name).expanduser().exists()):
         what = "the bundled miniature, which has one version" if name in BUNDLED else "a local folder"
         raise ValueError(
