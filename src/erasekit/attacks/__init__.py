@@ -23,7 +23,6 @@ completion    white-box  probe: the ORIGINAL model runs the first steps, the edi
 points and reports ASR per level with counts and 95% Wilson intervals.
 """
 
-from erasekit.attacks import inversion, paraphrase, probes, ringabell, unlearndiff  # noqa: F401 - register attacks
 from erasekit.attacks.asr import ConceptJudge, attack_asr, concept_judge, default_prompts, run_attacks
 from erasekit.attacks.base import (
     Attack,

@@ -7,8 +7,9 @@ the edited model's images from it. A white-box attack may read both models' weig
 one (Ring-A-Bell, paraphrases) uses only what a user of the edited model has: its text interface,
 plus its own copy of the original text encoder.
 
-Every attack is a class registered with :func:`register_attack`; it gets its config dataclass,
-``prepare(ctx)`` once (shared state: a concept direction, a vocabulary, a closed-form map) and
+Every attack is a class registered with :func:`register_attack` into :data:`ATTACKS` (a
+:class:`erasekit.registry.Registry` whose discovery list :data:`ATTACK_MODULES` names the attack
+modules); it gets its config dataclass, ``prepare(ctx)`` once (shared state: a concept direction, a vocabulary, a closed-form map) and
 ``attack(ctx, prompt, index, generator)`` per prompt. All randomness of prompt ``i`` comes from a
 generator seeded by ``(seed, i)`` alone, so a run resumed after a crash gives exactly what an
 uninterrupted run gives.
@@ -44,6 +45,7 @@ from erasekit.families import check_attack, family_of
 from erasekit.io import save_safetensors_atomic
 from erasekit.options import build_config
 from erasekit.pipeline import encode_prompts, fingerprint
+from erasekit.registry import Registry, origin_of
 from erasekit.rundir import ResumableDir
 
 RECORDS = "records.jsonl"
@@ -122,17 +124,22 @@ class AttackSpec:
     summary: str
 
 
-_ATTACKS: dict[str, AttackSpec] = {}
+# The modules that register built-in attacks besides this one ("none"), the discovery list; add a new
+# attack module here. By name: they import this module.
+ATTACK_MODULES = tuple(
+    f"erasekit.attacks.{m}" for m in ("inversion", "paraphrase", "probes", "ringabell", "unlearndiff")
+)
+ATTACKS: Registry[AttackSpec] = Registry(
+    "attack", ATTACK_MODULES, unknown="Unknown attack {name!r}; available attacks: {valid}."
+)
 
 
 def register_attack(name: str, config_class: type, summary: str) -> Callable[[type[Attack]], type[Attack]]:
-    """Class decorator registering an :class:`Attack` subclass under ``name``."""
+    """Class decorator registering an :class:`Attack` subclass under ``name`` (in :data:`ATTACKS`)."""
 
     def deco(cls: type[Attack]) -> type[Attack]:
-        if name in _ATTACKS:
-            raise ValueError(f"Attack {name!r} is registered twice.")
+        ATTACKS.register(name, AttackSpec(name, cls, config_class, cls.white_box, summary), origin=origin_of(cls))
         cls.name = name
-        _ATTACKS[name] = AttackSpec(name, cls, config_class, cls.white_box, summary)
         return cls
 
     return deco
@@ -140,17 +147,12 @@ def register_attack(name: str, config_class: type, summary: str) -> Callable[[ty
 
 def available_attacks() -> dict[str, AttackSpec]:
     """All registered attacks, by name."""
-    import erasekit.attacks  # noqa: F401 - registers the built-in attacks
-
-    return dict(sorted(_ATTACKS.items()))
+    return ATTACKS.as_dict()
 
 
 def get_attack(name: str) -> AttackSpec:
     """Look an attack up by name; an unknown name is a ``ValueError`` listing the valid ones."""
-    attacks = available_attacks()
-    if name not in attacks:
-        raise ValueError(f"Unknown attack {name!r}; available attacks: {', '.join(attacks)}.")
-    return attacks[name]
+    return ATTACKS.get(name)
 
 
 def make_attack_config(name: str, **overrides: Any) -> Any:

@@ -4,23 +4,29 @@ A detector has a ``name``, a ``version``, ``heads`` (head name -> class names) a
 ``predict(images) -> {head: probabilities (N, C)}`` for uint8 images (N, H, W, 3). Detectors are
 plug-ins: a module registers a loader by name with :func:`register_detector` (the miniature's
 ``"shapes"`` CNN, :class:`erasekit.world.detector.ShapesWorldDetector`, with heads ``object``,
-``colour``, ``background``, ``style`` and ``unsafe``), and :func:`load_detector` imports the modules
-of :data:`DETECTOR_MODULES` first, so eval never imports the world that defines one.
+``colour``, ``background``, ``style`` and ``unsafe``) into :data:`DETECTORS` (a
+:class:`erasekit.registry.Registry`), and :func:`load_detector` imports the modules of
+:data:`DETECTOR_MODULES` first, so eval never imports the world that defines one.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from erasekit.registry import Registry
+
 # Every module that registers detectors (the discovery list; add a new detector module here).
 DETECTOR_MODULES = ("erasekit.world.detector",)
 DetectorLoader = Callable[..., "Detector"]
-_LOADERS: dict[str, DetectorLoader] = {}
+DETECTORS: Registry[DetectorLoader] = Registry(
+    "detector",
+    DETECTOR_MODULES,
+    unknown="Unknown detector {name!r}; expected one of {valid} or a folder with a saved detector.",
+)
 _FOLDER_LOADERS: list[DetectorLoader] = []
 
 
@@ -41,8 +47,8 @@ def register_detector(name: str, *, folders: bool = False) -> Callable[[Detector
     given as the name (``loader(directory, **kwargs)``)."""
 
     def deco(loader: DetectorLoader) -> DetectorLoader:
-        _LOADERS[name] = loader
-        if folders:
+        DETECTORS.register(name, loader)
+        if folders and loader not in _FOLDER_LOADERS:
             _FOLDER_LOADERS.append(loader)
         return loader
 
@@ -51,12 +57,8 @@ def register_detector(name: str, *, folders: bool = False) -> Callable[[Detector
 
 def load_detector(name: str = "shapes", **kwargs: Any) -> Detector:
     """A detector by name (``"shapes"``: the miniature's CNN) or a folder holding one."""
-    for module in DETECTOR_MODULES:
-        importlib.import_module(module)
-    if name in _LOADERS:
-        return _LOADERS[name](**kwargs)
+    if name in DETECTORS:  # discovers first
+        return DETECTORS.get(name)(**kwargs)
     if Path(name).is_dir() and _FOLDER_LOADERS:
         return _FOLDER_LOADERS[0](name, **kwargs)
-    raise ValueError(
-        f"Unknown detector {name!r}; expected one of {', '.join(sorted(_LOADERS))} or a folder with a saved detector."
-    )
+    raise DETECTORS.unknown_error(name)

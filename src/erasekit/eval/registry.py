@@ -1,6 +1,7 @@
 """The registry of named evaluation protocols, with one explicit discovery list.
 
-A protocol module registers its functions with :func:`register_protocol` when it is imported;
+A protocol module registers its functions with :func:`register_protocol` when it is imported, into
+:data:`PROTOCOL_REGISTRY` (a :class:`erasekit.registry.Registry`);
 :func:`get_protocol` first imports every module of :data:`PROTOCOL_MODULES`, so a protocol is found
 whatever the caller imported before (``evaluate(pipe, "shapes-attack")`` works without importing
 ``erasekit.attacks`` first). Modules register *into* this one and never import each other for it,
@@ -9,15 +10,19 @@ so there is no import cycle between the miniature's and the real models' protoco
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from erasekit.registry import Registry
+
 ProtocolFn = Callable[..., dict[str, Any]]
-PROTOCOLS: dict[str, ProtocolFn] = {}
 # Every module that registers protocols (the discovery list; add a new protocol module here).
 # Plug-ins by name, so that eval imports none of them (the world and the attacks sit above eval).
 PROTOCOL_MODULES = ("erasekit.world.protocols", "erasekit.eval.real_protocols", "erasekit.attacks.asr")
+PROTOCOL_REGISTRY: Registry[ProtocolFn] = Registry(
+    "protocol", PROTOCOL_MODULES, unknown="Unknown protocol {name!r}; available: {valid}."
+)
+PROTOCOLS: Mapping[str, ProtocolFn] = PROTOCOL_REGISTRY.view  # live, read-only; no discovery
 
 
 WRITES_METRICS: set[str] = set()  # protocols that write ``out_dir/metrics.json`` themselves
@@ -29,7 +34,7 @@ def register_protocol(name: str, *, writes_metrics: bool = False) -> Callable[[P
     thousands of images); for the others the caller writes the result where it wants it."""
 
     def deco(fn: ProtocolFn) -> ProtocolFn:
-        PROTOCOLS[name] = fn
+        PROTOCOL_REGISTRY.register(name, fn)
         if writes_metrics:
             WRITES_METRICS.add(name)
         return fn
@@ -44,15 +49,10 @@ def writes_metrics(name: str) -> bool:
 
 
 def discover_protocols() -> dict[str, ProtocolFn]:
-    """Import every protocol module of :data:`PROTOCOL_MODULES`; returns the registry."""
-    for module in PROTOCOL_MODULES:
-        importlib.import_module(module)
-    return PROTOCOLS
+    """Import every protocol module of :data:`PROTOCOL_MODULES`; returns every protocol, by name."""
+    return PROTOCOL_REGISTRY.as_dict()
 
 
 def get_protocol(name: str) -> ProtocolFn:
     """Look a protocol up by name, with a helpful error."""
-    protocols = discover_protocols()
-    if name not in protocols:
-        raise ValueError(f"Unknown protocol {name!r}; available: {', '.join(sorted(protocols))}.")
-    return protocols[name]
+    return PROTOCOL_REGISTRY.get(name)

@@ -1,5 +1,9 @@
 """The method registry: every erasure method registers its name, config dataclass, function and presets.
 
+The registry is :data:`METHODS`, a :class:`erasekit.registry.Registry` whose discovery list is
+:data:`METHOD_MODULES` (the built-in method modules; a new one is added there). Plug-ins register with
+:func:`register` like the built-ins.
+
 A method is ``fn(pipe, request, config, *, generator=None, progress=True) -> Edit``. It never
 mutates the caller's pipeline (it works on copies of the tensors it changes) and never evaluates.
 
@@ -21,11 +25,8 @@ Configs are built by :func:`erasekit.options.build_config`, as the attacks' are:
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from erasekit.options import (  # noqa: F401 - check_options_read, is_read, used
     pick_preset,
     used_when_text,
 )
+from erasekit.registry import Registry, origin_of
 
 PAPER, AUTHORS = "paper", "authors"
 
@@ -60,7 +62,11 @@ class MethodSpec:
     default_preset: str
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
+# The built-in method modules (the discovery list; add a new method module here).
+METHOD_MODULES = tuple(f"erasekit.methods.{m}" for m in ("age", "ap", "esd", "hide", "mace", "rece", "speed", "uce"))
+METHODS: Registry[MethodSpec] = Registry(
+    "method", METHOD_MODULES, unknown="Unknown method {name!r}; available: {valid}."
+)
 
 
 def register(
@@ -90,9 +96,8 @@ def register(
         table[pname] = Preset(pname, dict(values), psummary)
 
     def deco(fn: Callable[..., Edit]) -> Callable[..., Edit]:
-        if name in _REGISTRY:
-            raise ValueError(f"Method {name!r} is registered twice.")
-        _REGISTRY[name] = MethodSpec(name, config_class, fn, summary, table, default_preset)
+        spec = MethodSpec(name, config_class, fn, summary, table, default_preset)
+        METHODS.register(name, spec, origin=origin_of(fn))
         return fn
 
     return deco
@@ -100,16 +105,12 @@ def register(
 
 def get_method(name: str) -> MethodSpec:
     """Look a method up by name, with a helpful error."""
-    _import_builtin_methods()
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def available_methods() -> dict[str, MethodSpec]:
-    """All registered methods."""
-    _import_builtin_methods()
-    return dict(sorted(_REGISTRY.items()))
+    """All registered methods, by name."""
+    return METHODS.as_dict()
 
 
 def resolve_preset(name: str, preset: str | None) -> Preset:
@@ -211,10 +212,3 @@ def require_finite(edit: Edit) -> None:
 def record_preset(edit: Edit, config: Any) -> Edit:
     """The edit with the config's preset name and every resolved value in ``edit.config``."""
     return replace(edit, config={**asdict(config), **edit.config, "preset": config_preset(config)})
-
-
-def _import_builtin_methods() -> None:
-    """The registry's discovery: import every module of this package (each registers its method)."""
-    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if mod.name != "base":
-            importlib.import_module(f"erasekit.methods.{mod.name}")
