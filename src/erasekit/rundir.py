@@ -125,7 +125,8 @@ class ResumableDir:
     ``force=True``, which starts the record again with the new identity (earlier files are left for the
     caller to overwrite). Identities are compared as JSON (tuples equal lists). An identity file written
     before the layout existed (a bare dict without ``"layout"``, e.g. an old ``generation.json``) is read
-    as that identity, so such folders still resume.
+    as that identity, so such folders still resume. ``extra``: top-level fields a new meta file starts with
+    beside the identity (never compared; e.g. the torch thread counts of a generation folder).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class ResumableDir:
         meta: str = IDENTITY_JSON,
         force: bool = False,
         what: str = "directory",
+        extra: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(identity, dict):
             raise TypeError(
@@ -147,6 +149,7 @@ class ResumableDir:
         self.meta_name = meta
         self.what = what
         self.identity: dict[str, Any] = jsonable(identity)
+        self._extra = jsonable(extra or {})  # top-level fields of a NEW meta file, beside the identity (not compared)
         with _meta_lock(self.path):
             if not force and self.check(self.path, self.identity, meta=meta, what=what):
                 return
@@ -189,6 +192,7 @@ class ResumableDir:
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "erasekit": __version__,
             "git": git_commit(),
+            **getattr(self, "_extra", {}),
         }
 
     def _read_meta(self) -> dict[str, Any] | None:

@@ -282,14 +282,16 @@ def generation_folder(
     if conditioning is not None:  # e.g. a recovery key; absent otherwise, so older directories still resume
         identity["conditioning"] = conditioning
     try:
-        folder = ResumableDir(out, identity, meta=GENERATION_JSON, what="generation folder")
+        folder = ResumableDir(out, identity, meta=GENERATION_JSON, what="generation folder", extra=threads_meta())
     except RunDirMismatch as e:
         if not holds_images(out):  # a run that failed before its first image: nothing of it to mix with
             with contextlib.ExitStack() as live:  # ... unless it is still running: its writer is refused here
                 for lock in sorted(Path(out).glob("index*.lock")):
                     live.enter_context(locked(out, lock.name))
                 if not holds_images(out):
-                    folder = ResumableDir(out, identity, meta=GENERATION_JSON, what="generation folder", force=True)
+                    folder = ResumableDir(
+                        out, identity, meta=GENERATION_JSON, what="generation folder", force=True, extra=threads_meta()
+                    )
                     (folder.path / "images").mkdir(parents=True, exist_ok=True)
                     return folder
         if all(d.startswith("sampling.batch_size:") for d in e.differences):
@@ -311,6 +313,11 @@ def generation_folder(
 
 class ThreadCountWarning(RuntimeWarning):
     """A generation folder is resumed with another torch thread count than its images were made with."""
+
+
+def threads_meta() -> dict[str, Any]:
+    """The ``torch_threads`` field a new generation folder's ``generation.json`` starts with (no extra write)."""
+    return {"torch_threads": [torch.get_num_threads()]}
 
 
 def note_threads(folder: ResumableDir) -> None:
