@@ -85,21 +85,30 @@ def test_esd_bad_eta():
 
 def test_authors_sample_z_t_with_the_trained_model_and_paper_with_the_frozen(tiny_pipe, monkeypatch):
     """The presets differ in the z_t sampler only: authors (default) = the model being trained (CompVis
-    quick_sample_till_t on `model`), paper = the frozen original."""
+    quick_sample_till_t on `model`), paper = the frozen original's trajectories (pooled; exact on request)."""
     calls = []
-    original = FinetuneContext.sample_zt
+    original, original_traj = FinetuneContext.sample_zt, FinetuneContext.ddim_latents
 
     def spy(self, *args, frozen=True, **kw):
         calls.append(frozen)
         return original(self, *args, frozen=frozen, **kw)
+
+    def spy_traj(self, *args, frozen=True, **kw):
+        calls.append(("trajectories", frozen))
+        return original_traj(self, *args, frozen=frozen, **kw)
 
     monkeypatch.setattr(FinetuneContext, "sample_zt", spy)
     run = dict(method="esd", steps=3, ddim_steps=3, lr=1e-2, progress=False)
     authors = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), **run)
     assert calls == [False] * 3
     calls.clear()
+    monkeypatch.setattr(FinetuneContext, "ddim_latents", spy_traj)
     paper = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), preset="paper", **run)
-    assert calls == [True] * 3 and paper.config["zt_producer"] == "exact" and authors.config["zt_producer"] == "trained"
+    assert calls and all(c == ("trajectories", True) for c in calls)  # frozen trajectories, no per-step run
+    assert paper.config["zt_producer"] == "pooled" and authors.config["zt_producer"] == "trained"
+    calls.clear()
+    exact = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), preset="paper", zt_producer="exact", **run)
+    assert [c for c in calls if c is True or c is False] == [True] * 3 and exact.config["zt_producer"] == "exact"
 
 
 def test_diffusers_negative_guidance_2_equals_our_eta_1():
