@@ -20,7 +20,6 @@ import torch
 
 from erasekit.attacks import run_attack
 from erasekit.attacks.probes import encode_image, real_image, steered_images
-from erasekit.eval.distances import LPIPS, FeatureExtractor
 from erasekit.eval.generate import SamplingConfig, generate_images, load_images, read_index
 from erasekit.eval.protocols import evaluate
 from erasekit.eval.real_detectors import ImageNetClassifier, imagenet_preprocess
@@ -33,7 +32,14 @@ from erasekit.families import (
     family_of,
     support_table,
 )
-from erasekit.testing import tiny_clip_scorer, tiny_family_pipeline
+from erasekit.testing import (
+    FakeNudeNet,
+    RankedLogits,
+    tiny_clip_scorer,
+    tiny_family_pipeline,
+    tiny_features,
+    tiny_lpips,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,42 +65,6 @@ CAPTIONS = "a red bus\na bowl of fruit\na dog on a sofa\n"
 
 
 # ---------------------------------------------------------------------- tiny offline scorers
-class RankedLogits(torch.nn.Module):
-    """Logits ranking ImageNet class 497 (church) first, then 0 (tench), 1, 2, ...: a rigged classifier."""
-
-    def forward(self, x):
-        logits = -torch.arange(1000, dtype=torch.float32).repeat(x.shape[0], 1)
-        logits[:, 497] = 10.0
-        return logits
-
-
-class FakeNudeNet:
-    """One exposed-breast detection per image scored by the image's mean brightness (no weights)."""
-
-    name, version = "fake-nudenet", "0"
-    heads = {"exposed": ["FEMALE_BREAST_EXPOSED"]}
-
-    def detect(self, images):
-        return [
-            [{"class": "FEMALE_BREAST_EXPOSED", "score": float(img.mean() / 255), "box": [0, 0, 2, 2]}]
-            for img in images
-        ]
-
-
-def tiny_lpips():
-    return LPIPS(
-        lambda x: [x, torch.nn.functional.avg_pool2d(x, 2)], [torch.tensor([0.2, 1.0, 0.5]), torch.ones(3)], name="toy"
-    )
-
-
-def tiny_features():
-    """Per-channel mean and standard deviation: a 6-d 'Inception'."""
-
-    def net(x):
-        x = x.float() / 255
-        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
-
-    return FeatureExtractor(net, name="channel-moments", version="1", batch_size=3)
 
 
 def edited_copy(pipe, scale: float = 0.05):

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from erasekit.eval.distances import LPIPS, FeatureExtractor, fid_from_features
+from erasekit.eval.distances import fid_from_features
 from erasekit.eval.generate import SamplingConfig, generate_images, load_images, read_index
 from erasekit.eval.prompt_files import artist_items, coco_items, i2p_items, imagenette_class, imagenette_items
 from erasekit.eval.protocols import evaluate
 from erasekit.eval.real_detectors import ImageNetClassifier, imagenet_preprocess, nudity_summary
 from erasekit.io import file_digest
+from erasekit.testing import FakeNudeNet, RankedLogits, tiny_features, tiny_lpips
 
 CFG = SamplingConfig(steps=2, guidance_scale=4.0, batch_size=4)
 
@@ -39,13 +40,6 @@ ARTISTS = (
 
 
 # ---------------------------------------------------------------------- tiny offline scorers
-class RankedLogits(torch.nn.Module):
-    """Logits that rank class 497 (church) first, then 0 (tench), 1, 2, ...: a rigged ImageNet classifier."""
-
-    def forward(self, x):
-        logits = -torch.arange(1000, dtype=torch.float32).repeat(x.shape[0], 1)
-        logits[:, 497] = 10.0
-        return logits
 
 
 def tiny_clip_scorer():
@@ -64,22 +58,6 @@ def tiny_clip_scorer():
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return ClipScorer(model, load_clip_tokenizer(TOKENIZER_DIR), proc, name="tiny-clip")
-
-
-def tiny_lpips():
-    return LPIPS(
-        lambda x: [x, torch.nn.functional.avg_pool2d(x, 2)], [torch.tensor([0.2, 1.0, 0.5]), torch.ones(3)], name="toy"
-    )
-
-
-def tiny_features():
-    """Per-channel mean and standard deviation of the image: a 6-d 'Inception'."""
-
-    def net(x):
-        x = x.float() / 255
-        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
-
-    return FeatureExtractor(net, name="channel-moments", version="1", batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -171,19 +149,6 @@ def test_nudity_summary_by_hand():
     assert s["ner"] == {"0.3": 0.5, "0.5": 0.5, "0.7": 0.25, "0.8": 0.25}
     assert s["body_parts"]["Female Breast"] == 2 and s["body_parts"]["Feet"] == 0 and s["body_parts_total"] == 2
     assert s["images_with_part"]["Female Breast"] == 1
-
-
-class FakeNudeNet:
-    """Detections keyed on the image's mean brightness: deterministic, no weights."""
-
-    name, version = "fake-nudenet", "0"
-    heads = {"exposed": ["FEMALE_BREAST_EXPOSED"]}
-
-    def detect(self, images):
-        return [
-            [{"class": "FEMALE_BREAST_EXPOSED", "score": float(img.mean() / 255), "box": [0, 0, 2, 2]}]
-            for img in images
-        ]
 
 
 def test_i2p_end_to_end_with_file_guidance(pipe, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from erasekit.eval.clip_score import ClipScorer
+from erasekit.eval.distances import LPIPS, FeatureExtractor
 from erasekit.world import clip as wclip
 from erasekit.world.tokenizer import load_clip_tokenizer
 
@@ -293,3 +294,43 @@ def tiny_clip_scorer(seed: int = 0, batch_size: int = 64, name: str | None = Non
         batch_size=batch_size,
         name=name,
     )
+
+
+# ---------------------------------------------------------------- stand-ins for the real protocols' scorers
+class RankedLogits(torch.nn.Module):
+    """Logits ranking ImageNet class 497 (church) first, then 0 (tench), 1, 2, ...: a rigged classifier."""
+
+    def forward(self, x):
+        logits = -torch.arange(1000, dtype=torch.float32).repeat(x.shape[0], 1)
+        logits[:, 497] = 10.0
+        return logits
+
+
+class FakeNudeNet:
+    """One exposed-breast detection per image scored by the image's mean brightness (no weights)."""
+
+    name, version = "fake-nudenet", "0"
+    heads = {"exposed": ["FEMALE_BREAST_EXPOSED"]}
+
+    def detect(self, images):
+        return [
+            [{"class": "FEMALE_BREAST_EXPOSED", "score": float(img.mean() / 255), "box": [0, 0, 2, 2]}]
+            for img in images
+        ]
+
+
+def tiny_lpips():
+    """A two-level LPIPS over the raw image and its 2x average pool, fixed weights (no download)."""
+    return LPIPS(
+        lambda x: [x, torch.nn.functional.avg_pool2d(x, 2)], [torch.tensor([0.2, 1.0, 0.5]), torch.ones(3)], name="toy"
+    )
+
+
+def tiny_features():
+    """Per-channel mean and standard deviation: a 6-d 'Inception'."""
+
+    def net(x):
+        x = x.float() / 255
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+    return FeatureExtractor(net, name="channel-moments", version="1", batch_size=3)
