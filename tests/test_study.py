@@ -245,3 +245,54 @@ def test_cli_status_table_plot(reference, tmp_path):
     res = runner.invoke(app, ["study", "plot", spec, "--dir", str(reference), "--out", str(tmp_path / "t")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "t" / "esr_psr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+ONE = (
+    TINY.replace("seeds = [0, 1]", "seeds = [0]")
+    .replace("max_steps = 2", "max_steps = 3")
+    .split("[[methods]]\nlabel = \"ESD-u\"")[0]
+    + '[[concepts]]\nlabel = "tri"\nerase = ["triangle"]\n'
+)
+FAKE_ESR = {1: 0.5, 2: 0.2, 3: 0.3}  # by the edit's step: the best check (step 1) is not the last (step 3)
+
+
+def _fake_selection(env, cell, edit):
+    v = FAKE_ESR[edit.config["stop_at"]]
+    return {"esr_1": v, "esr_3": v, "psr_1": 0.5, "psr_3": 0.5}
+
+
+def _step_edit(tiny_pipe, stop_at: int):
+    import erasekit
+    from erasekit.edit import EraseRequest
+
+    kw = dict(method="esd", preset="paper", steps=3, ddim_steps=2, lr=5e-2, seed=0, progress=False)
+    return erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), **kw, stop_at=stop_at)
+
+
+def test_test_images_use_the_best_checks_edit_not_the_last(tiny_pipe, tmp_path, monkeypatch):
+    """The fine-tuning chunks write their edit in finetune/, never over edit/ (the operating point's):
+    a cell whose best check is not its last is tested with the best check's edit. A cell begun before
+    (edit/ overwritten by a later chunk, best.json without a digest) has its best edit made again."""
+    monkeypatch.setattr(operating, "selection_metrics", _fake_selection)
+    spec = _spec(tmp_path, ONE)
+    d = tmp_path / "best"
+    assert _run(spec, d)["counts"] == {"done": 1}
+    cell = d / "cells" / "esd-x__tri__seed0"
+    best = operating.RunDir.open(cell)
+    point = best.read_json(operating.BEST)
+    assert point["step"] == 1 and len(best.records(operating.CURVE)) == 3 and "remade" not in point
+    want = _step_edit(tiny_pipe, 1)
+    last = _step_edit(tiny_pipe, 3)
+    assert best.load_edit().digest() == want.digest() == point["edit_digest"] != last.digest()
+    assert (cell / operating.FINETUNE_DIR / "edit").is_dir()  # the latest chunk's edit lives apart
+
+    # a cell of the old layout: edit/ holds the last chunk's edit and best.json has no digest
+    shutil.rmtree(best.edit_dir)
+    best.save_edit(last)
+    old = {k: v for k, v in point.items() if k != "edit_digest"}
+    best.write_json(operating.BEST, old)
+    best.mark(operating.CELL_STAGE, "failed", error="redo")
+    assert _run(spec, d)["counts"] == {"done": 1}
+    again = best.read_json(operating.BEST)
+    assert best.load_edit().digest() == want.digest() == again["edit_digest"]
+    assert again["remade"]["matches_curve"] is True and again["remade"]["selection"]["esr_1"] == 0.5

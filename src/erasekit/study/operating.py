@@ -16,10 +16,17 @@ Rules (``[operating_point]`` of the spec):
   evaluated at its best check (highest selection metric, earliest on ties) and reported with
   ``reached = false``, never dropped.
 
-Cell folder (a run directory, ``erasekit.rundir``): ``run.json`` (identity, stages), ``train/``
-(the fine-tuning run: checkpoints, step log), ``edit/`` (the operating point's edit), ``key/`` (hiding:
-its recovery key), ``curve.jsonl``, ``eval/shapes-objects/metrics.json`` (test), ``attacks/``,
-``result.json``.
+Cell folder (a run directory, ``erasekit.rundir``): ``run.json`` (identity, stages), ``finetune/``
+(the fine-tuning run, a run directory of its own: checkpoints, step log, the latest chunk's edit),
+``edit/`` (the operating point's edit: the best check's, written only here), ``key/`` (hiding: its
+recovery key), ``best.json`` (the best check, with its edit's digest), ``curve.jsonl``,
+``eval/shapes-objects/metrics.json`` (test), ``attacks/``, ``result.json``.
+
+The test images are generated with the edit whose digest ``best.json`` records. Where ``edit/`` does
+not hold it (a cell begun before the fine-tuning run had its own folder, when every chunk overwrote
+``edit/``), the best check's edit is made again: one uninterrupted run cut at the best step (the same
+model, see ``stop_at``), or the closed form at the best value; its selection rates are measured again
+and recorded beside the curve's (``best.json["remade"]``).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from erasekit.world.shapes import COLOURS, OBJECTS
 CURVE = "curve.jsonl"
 BEST = "best.json"
 KEY_DIR = "key"
+FINETUNE_DIR = "finetune"  # the fine-tuning run's own run directory (its chunks write their edit there)
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -121,7 +129,9 @@ def env_for(spec: StudySpec) -> Env:
     if key not in _ENV:
         _ENV.clear()
         _ENV[key] = Env(spec)
-    return _ENV[key]
+    env = _ENV[key]
+    env.spec = spec  # the pipeline, detector and sampling are shared; the operating point, attacks ... are this spec's
+    return env
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -180,7 +190,9 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m.get(k) for k in ("esr_1", "esr_3", "psr_1", "psr_3")}
 
 
-def _save_best(rd: RunDir, edit: Any, key: Any, point: dict[str, Any]) -> None:
+def _save_best(rd: RunDir, edit: Any, key: Any, point: dict[str, Any]) -> dict[str, Any]:
+    """Write the operating point's edit (and key) and ``best.json`` with the edit's digest; returns it."""
+    point = {**point, "edit_digest": edit.digest()}
     if rd.edit_dir.exists():
         shutil.rmtree(rd.edit_dir)
     rd.save_edit(edit)
@@ -188,6 +200,27 @@ def _save_best(rd: RunDir, edit: Any, key: Any, point: dict[str, Any]) -> None:
         shutil.rmtree(rd.path / KEY_DIR, ignore_errors=True)
         key.save(rd.path / KEY_DIR)
     rd.write_json(BEST, point)
+    return point
+
+
+def _holds_best(rd: RunDir, best: dict[str, Any]) -> bool:
+    """Whether ``edit/`` holds the edit of ``best`` (by the digest recorded with it)."""
+    want = best.get("edit_digest")
+    return want is not None and rd.has_edit() and rd.load_edit().digest() == want
+
+
+def _remake_best(env: Env, cell: Cell, rd: RunDir, best: dict[str, Any]) -> dict[str, Any]:
+    """Make the best check's edit again (see the module docstring) and measure its selection rates again."""
+    op, m = env.spec.operating_point, cell.method
+    if "step" in best:  # no run_dir: one uninterrupted run, cut at the best step
+        extra: dict[str, Any] = {"steps": op.max_steps, "stop_at": best["step"]}
+    else:
+        extra = {m.sweep_option: best["value"]}
+    t0 = time.perf_counter()
+    edit, key = make_edit(env, cell, rd, **extra)
+    sel = _summary(selection_metrics(env, cell, edit))
+    remade = {"selection": sel, "matches_curve": sel == best["selection"], "seconds": round(time.perf_counter() - t0, 3)}
+    return _save_best(rd, edit, key, {**best, "remade": remade})
 
 
 # ------------------------------------------------------------------------------------------ the rule
@@ -200,16 +233,16 @@ def reach_operating_point(env: Env, cell: Cell, rd: RunDir) -> dict[str, Any]:
     if op.rule == "fixed":
         extra: dict[str, Any] = {}
         if finetuned(m):
-            extra = {"run_dir": str(rd.path), "resume": True}
+            extra = {"run_dir": str(rd.path / FINETUNE_DIR), "resume": True}
             if op.steps is not None:
                 extra["steps"] = op.steps
-        if rd.has_edit() and rd.read_json(BEST):
-            return rd.read_json(BEST)
+        done_point = rd.read_json(BEST)
+        if done_point and _holds_best(rd, done_point):
+            return done_point
         t0 = time.perf_counter()
         edit, key = make_edit(env, cell, rd, **extra)
         point = {"rule": "fixed", "step": extra.get("steps"), "train_seconds": round(time.perf_counter() - t0, 3)}
-        _save_best(rd, edit, key, point)
-        return point
+        return _save_best(rd, edit, key, point)
 
     metric, target = op.metric, op.target
     if finetuned(m):
@@ -224,7 +257,7 @@ def reach_operating_point(env: Env, cell: Cell, rd: RunDir) -> dict[str, Any]:
         if rec is None:
             t0 = time.perf_counter()
             if at == "step":
-                extra = {"steps": op.max_steps, "stop_at": pos, "run_dir": str(rd.path), "resume": True}
+                extra = {"steps": op.max_steps, "stop_at": pos, "run_dir": str(rd.path / FINETUNE_DIR), "resume": True}
                 extra["checkpoint_every"] = op.check_every
             else:
                 extra = {m.sweep_option: pos}
@@ -244,11 +277,13 @@ def reach_operating_point(env: Env, cell: Cell, rd: RunDir) -> dict[str, Any]:
                 best = {"rule": "target", at: pos, "check": i, "selection": _summary(sel), "reached": None}
                 if at == "value":
                     best["option"] = m.sweep_option
-                _save_best(rd, edit, key, best)
+                best = _save_best(rd, edit, key, best)
             rd.append(CURVE, rec)  # last: a check is done once its record is written
         curve.append(rec)
         if (rec[metric] or 0.0) >= target:
             break
+    if not _holds_best(rd, best):
+        best = _remake_best(env, cell, rd, best)
     reached = any((r[metric] or 0.0) >= target for r in curve)
     point = {
         **best,
