@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     import erasekit
     from erasekit.analysis.spectrum import SpectrumConfig, spectrum_for_edit
     from erasekit.eval.clip_score import ClipScorer
+    from erasekit.eval.generate import SamplingConfig
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         edit = erasekit.erase(pipe, erasekit.EraseRequest([a.erase]), method=a.method, progress=False)
     load_s = time.perf_counter() - t_load
 
-    cfg = SpectrumConfig(n_seeds=seeds, steps=steps, batch_size=a.batch_size)
+    cfg = SpectrumConfig(n_seeds=seeds, sampling=SamplingConfig(steps=steps, batch_size=a.batch_size))
     t0 = time.perf_counter()
     spec = spectrum_for_edit(pipe, edit, concepts, scorer, cfg, progress=False)
     total = time.perf_counter() - t0

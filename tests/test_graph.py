@@ -11,6 +11,7 @@ import torch
 from erasekit.analysis import plots, report_sections
 from erasekit.analysis.graph import ConceptGraph, locality_agreement, rankdata, spearman, text_distances
 from erasekit.analysis.spectrum import Spectrum
+from erasekit.eval.generate import SamplingConfig
 
 ERASURES = ["a", "b"]
 CONCEPTS = ["a", "b", "c", "d"]
@@ -152,7 +153,7 @@ def test_run_graph_writes_everything(tmp_path, tiny_pipe):
         "uce-circle": erasekit.erase(tiny_pipe, erasekit.EraseRequest(["circle"]), method="uce", progress=False),
         "uce-square": erasekit.erase(tiny_pipe, erasekit.EraseRequest(["square"]), method="uce", progress=False),
     }
-    cfg = SpectrumConfig(n_seeds=1, steps=2)
+    cfg = SpectrumConfig(n_seeds=1, sampling=SamplingConfig(steps=2))
     g, dist = run_graph(
         tiny_pipe,
         edits,

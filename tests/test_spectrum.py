@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from erasekit.analysis.spectrum import (
     spectrum_for_edit,
 )
 from erasekit.edit import Edit, get_parameter
+from erasekit.eval.generate import SamplingConfig
 
 CONCEPTS = ["a", "bb", "ccc"]
 
@@ -50,7 +52,7 @@ def test_delta_by_hand():
     orig = Recorder(lambda p, s: 10 + s)
     edit = Recorder(lambda p, s: {"a": s, "bb": 2 * s, "ccc": 10 + s}[p])
     scorer = MeanScorer()
-    cfg = SpectrumConfig(n_seeds=4, batch_size=3)
+    cfg = SpectrumConfig(n_seeds=4, sampling=SamplingConfig(batch_size=3))
     spec = sensitivity_spectrum(orig, edit, CONCEPTS, scorer, cfg, erased=["a"])
     np.testing.assert_allclose(spec.delta, [10.0, 8.5, 0.0])
     # differences of "bb" over seeds 0..3: 10, 9, 8, 7 -> sample std 1.29099 / sqrt(4)
@@ -107,6 +109,13 @@ def test_config_and_input_validation():
         SpectrumConfig(prompt_template="no slot")
     with pytest.raises(ValueError, match="n_seeds"):
         SpectrumConfig(n_seeds=0)
+    with pytest.raises(ValueError, match="batch_size"):  # the sampler's own checks
+        SpectrumConfig(sampling={"batch_size": 0})
+    with pytest.raises(ValueError, match="sampling"):
+        SpectrumConfig(sampling=3)
+    # composed: a saved config (asdict) builds the same config again
+    cfg = SpectrumConfig(n_seeds=2, sampling=SamplingConfig(steps=3, batch_size=4))
+    assert SpectrumConfig(**asdict(cfg)) == cfg and asdict(cfg)["sampling"]["steps"] == 3
     with pytest.raises(ValueError, match="single string"):
         concept_scores(Recorder(lambda p, s: 0), "cat", MeanScorer())
     with pytest.raises(ValueError, match="empty"):
@@ -126,7 +135,7 @@ def test_spectrum_of_a_real_edit_on_a_tiny_pipeline(tiny_pipe):
     edit = erasekit.erase(tiny_pipe, erasekit.EraseRequest(["circle"]), method="uce", progress=False)
     name = next(iter(edit.tensors))
     before = get_parameter(tiny_pipe, name).detach().clone()
-    cfg = SpectrumConfig(n_seeds=2, steps=2, guidance_scale=3.0)
+    cfg = SpectrumConfig(n_seeds=2, sampling=SamplingConfig(steps=2, guidance_scale=3.0))
     spec = spectrum_for_edit(tiny_pipe, edit, ["circle", "square"], PixelScorer(), cfg, progress=False)
     torch.testing.assert_close(get_parameter(tiny_pipe, name), before, atol=0, rtol=0)  # pipe restored
     assert spec.erased == ["circle"] and spec.config["edit"]["method"] == "uce"
@@ -147,7 +156,12 @@ def test_identity_edit_gives_a_zero_spectrum(tiny_pipe):
     same = {n: get_parameter(tiny_pipe, n).detach().clone() for n in edit0.tensors}
     identity = Edit(same, "identity", {}, edit0.request, edit0.base)
     spec = spectrum_for_edit(
-        tiny_pipe, identity, ["circle", ""], PixelScorer(), SpectrumConfig(n_seeds=2, steps=2), progress=False
+        tiny_pipe,
+        identity,
+        ["circle", ""],
+        PixelScorer(),
+        SpectrumConfig(n_seeds=2, sampling=SamplingConfig(steps=2)),
+        progress=False,
     )
     np.testing.assert_array_equal(spec.delta, [0.0, 0.0])
 

@@ -51,7 +51,11 @@ def json_safe(o: Any) -> Any:
 
 @dataclass
 class SpectrumConfig:
-    """How a spectrum is measured: seeds, prompt template and sampler settings."""
+    """How a spectrum is measured: the seeds, the prompt templates, and the sampler (a
+    :class:`~erasekit.eval.generate.SamplingConfig`: the same settings ``erasekit generate`` takes).
+
+    Example: ``SpectrumConfig(n_seeds=200, sampling=SamplingConfig(steps=50, guidance_scale=7.5))``.
+    """
 
     n_seeds: int = field(default=8, metadata={"help": "k: images per concept and model (the paper uses 200)."})
     first_seed: int = field(default=0, metadata={"help": "Seeds are first_seed, ..., first_seed + k - 1."})
@@ -59,21 +63,22 @@ class SpectrumConfig:
     score_template: str | None = field(
         default=None, metadata={"help": "Text CLIP scores against; None = the prompt (the paper's S(G(c), c))."}
     )
-    steps: int | None = field(default=None, metadata={"help": "Sampler steps (None: the pipeline's default)."})
-    guidance_scale: float | None = field(default=None, metadata={"help": "CFG scale (None: the pipeline's default)."})
-    batch_size: int = field(default=25, metadata={"help": "Images generated per batch."})
+    sampling: SamplingConfig = field(
+        default_factory=SamplingConfig,
+        metadata={"help": "Sampler steps, CFG scale and images per batch (None: the pipeline's defaults)."},
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):  # from a saved result (asdict) or a JSON/TOML file
+            self.sampling = SamplingConfig(**self.sampling)
+        if not isinstance(self.sampling, SamplingConfig):
+            raise ValueError(f"`sampling` must be a SamplingConfig (or its fields as a dict), got {self.sampling!r}.")
         if self.n_seeds < 1:
             raise ValueError(f"`n_seeds` must be >= 1, got {self.n_seeds}.")
-        if self.batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {self.batch_size}.")
         for name in ("prompt_template", "score_template"):
             t = getattr(self, name)
             if t is not None and t.count("{}") != 1:
                 raise ValueError(f"`{name}` must contain '{{}}' exactly once (where the concept goes), got {t!r}.")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"`steps` must be >= 1, got {self.steps}.")
 
     @property
     def seeds(self) -> list[int]:
@@ -87,10 +92,6 @@ class SpectrumConfig:
     def text(self, concept: str) -> str:
         """The text CLIP scores the images of ``concept`` against."""
         return (self.score_template or self.prompt_template).format(concept).strip()
-
-    def sampling(self):
-        """The :class:`~erasekit.eval.generate.SamplingConfig` these settings describe."""
-        return SamplingConfig(steps=self.steps, guidance_scale=self.guidance_scale, batch_size=self.batch_size)
 
 
 def as_concept_list(concepts: Iterable[str] | Any) -> list[str]:
@@ -120,7 +121,7 @@ def pipeline_source(pipe, sampling=None) -> ImageSource:
 
 def _as_source(obj, config: SpectrumConfig) -> ImageSource:
     if hasattr(obj, "unet") and hasattr(obj, "text_encoder"):
-        return pipeline_source(obj, config.sampling())
+        return pipeline_source(obj, config.sampling)
     if callable(obj):
         return obj
     raise ValueError(
@@ -174,8 +175,8 @@ def concept_scores(
     timing.setdefault("generate_s", 0.0)
     timing.setdefault("score_s", 0.0)
     bar = tqdm(total=len(pairs), desc=desc, unit="img", disable=not progress)
-    for start in range(0, len(pairs), config.batch_size):
-        chunk = pairs[start : start + config.batch_size]
+    for start in range(0, len(pairs), config.sampling.batch_size):
+        chunk = pairs[start : start + config.sampling.batch_size]
         t0 = time.perf_counter()
         images = src([config.prompt(concepts[ci]) for ci, _ in chunk], [s for _, s in chunk])
         t1 = time.perf_counter()

@@ -68,9 +68,7 @@ def analyze_spectrum(
         first_seed=first_seed,
         prompt_template=prompt_template,
         score_template=score_template,
-        steps=steps,
-        guidance_scale=guidance,
-        batch_size=batch_size,
+        sampling=config_from(SamplingConfig, steps=steps, guidance_scale=guidance, batch_size=batch_size),
     )
     check_runtime(dtype, device)
     edits = edits_from(edit)
@@ -138,9 +136,7 @@ def analyze_graph(
         n_seeds=n_seeds,
         first_seed=first_seed,
         prompt_template=prompt_template,
-        steps=steps,
-        guidance_scale=guidance,
-        batch_size=batch_size,
+        sampling=config_from(SamplingConfig, steps=steps, guidance_scale=guidance, batch_size=batch_size),
     )
     check_runtime(dtype, device)
     edits = edits_from(edit)
