@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 import erasekit
 from erasekit.cli import app
+from erasekit.options import flat_options
 from erasekit.methods.base import (
     AUTHORS,
     PAPER,
@@ -40,8 +41,11 @@ def test_presets_resolve_and_are_recorded():
         for pname, p in spec.presets.items():
             cfg = make_config(name, pname)
             assert config_preset(cfg) == pname
-            for k, v in p.values.items():
-                assert getattr(cfg, k) == v, (name, pname, k)
+            for k, v in flat_options(spec.config_class, p.values).items():  # composed: uce.lamb ...
+                got = cfg
+                for part in k.split("."):
+                    got = getattr(got, part)
+                assert got == v, (name, pname, k)
 
 
 def test_overrides_win_over_the_preset():

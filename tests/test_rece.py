@@ -1,3 +1,6 @@
+import dataclasses
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +22,8 @@ from erasekit.methods.rece import (
     rece_checkpoint,
     select_epoch,
 )
-from erasekit.methods.uce import aligned_token_embeddings, uce_closed_form
+from erasekit.methods.uce import UCEConfig, aligned_token_embeddings, uce_closed_form
+from erasekit.options import config_from_record, parse_overrides
 from erasekit.pipeline import encode_prompts, last_token_index, load_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
@@ -205,7 +209,9 @@ def test_authors_epoch_erases_all_77_derived_positions_unshifted_and_keeps_empty
     c_der = emb[0] @ m.T  # (77, D)
     torch.testing.assert_close(edit.aux[DERIVED_KEY][0, 0].double(), c_der, rtol=1e-5, atol=1e-5)
     for k in names:
-        ref = uce_closed_form(ck0.tensors[k].double(), c_der, emb[1], emb[2], erase_scale=1.0, preserve_scale=0.1, lamb=0.1)
+        ref = uce_closed_form(
+            ck0.tensors[k].double(), c_der, emb[1], emb[2], erase_scale=1.0, preserve_scale=0.1, lamb=0.1
+        )
         torch.testing.assert_close(edit.tensors[k].double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -228,21 +234,68 @@ def test_select_epoch_keeps_the_best_validation_score_earliest_on_ties(tiny_pipe
 
 
 def test_task_presets_are_registered_and_the_table_stays_usable():
-    assert make_config("rece").uce_lamb == 0.5 and make_config("rece", "paper").uce_lamb == 0.1
+    assert make_config("rece").uce.lamb == 0.5 and make_config("rece", "paper").uce.lamb == 0.1
     for task, values in RECE_PRESETS.items():
         cfg = make_config("rece", f"authors-{task}")
         assert all(getattr(cfg, k) == v for k, v in values.items())
-        assert cfg.uce_lamb == 0.5 and cfg.derived_positions == "all"  # on top of the authors preset
+        assert cfg.uce.lamb == 0.5 and cfg.derived_positions == "all"  # on top of the authors preset
         assert RECEConfig(**values).epochs == values["epochs"]
     assert preset_diff("rece", "authors-object") == {"epochs": 5, "lamb_derive": 1e-3}
     assert set(preset_diff("rece", "paper")) == {
-        "uce_lamb", "uce_preserve_scale", "uce_preserve_empty", "preserve_empty", "derived_positions", "preserve_positions"
+        "uce.lamb",
+        "uce.preserve_scale",
+        "uce.preserve_empty",
+        "preserve_empty",
+        "derived_positions",
+        "preserve_positions",
     }
+
+
+def test_the_uce_step_is_a_uce_config():
+    """RECE holds the UCE step's config (issue 14): dotted overrides, nested dicts, whole configs and
+    --set text say the same; the shared settings are RECE's own; old edits' flat names still load."""
+    a = make_config("rece", **{"uce.lamb": 0.2, "uce.preserve_empty": False})
+    b = make_config("rece", uce={"lamb": 0.2, "preserve_empty": False})
+    c = make_config("rece", uce=UCEConfig(lamb=0.2, preserve_empty=False))
+    d = make_config("rece", **parse_overrides(RECEConfig, ["uce.lamb=0.2", "uce.preserve_empty=false"]))
+    assert a == b == c == d and a.uce.lamb == 0.2 and a.lamb == 0.1  # the epochs' lambda is apart
+    # the shared settings: RECE's own, copied into the UCE step; another value set in `uce` is refused
+    cfg = make_config("rece", templates=["{}", "a {}"], erase_scale=2.0)
+    assert cfg.uce.templates == ["{}", "a {}"] and cfg.uce_config().erase_scale == 2.0
+    assert cfg.epoch_config().templates == ["{}", "a {}"] and cfg.epoch_config().lamb == cfg.lamb
+    with pytest.raises(ValueError, match=r"uce.templates.*Set `templates`"):
+        make_config("rece", **{"uce.templates": ["a {}"]})
+    # the old flat names: a clear error naming the new spelling; a saved record still reads
+    with pytest.raises(ValueError, match=r"`uce_lamb` is now `uce.lamb`"):
+        make_config("rece", uce_lamb=0.2)
+    with pytest.raises(ValueError, match=r"it is now `uce.lamb`"):
+        parse_overrides(RECEConfig, ["uce_lamb=0.2"])
+    with pytest.raises(ValueError, match=r"unknown option.*uce.lamb"):
+        parse_overrides(RECEConfig, ["uce.lamm=0.2"])
+    old = {**asdict(make_config("rece")), "preset": "authors"}
+    old.pop("uce")
+    old.update(uce_lamb=0.2, uce_preserve_scale=0.3, uce_preserve_empty=False)
+    back = config_from_record(RECEConfig, old)
+    assert back.uce.lamb == 0.2 and back.uce.preserve_scale == 0.3 and back.uce.preserve_empty is False
+    assert config_from_record(RECEConfig, asdict(a)) == a  # the new record round-trips
+
+
+def test_old_flat_rece_edit_checkpoints_again(tiny_pipe):
+    """An edit saved with the flat ``uce_*`` names (before the UCE step was a UCE config): its epoch
+    checkpoints are recomputed with its own UCE-step settings."""
+    req = EraseRequest(["triangle"], preserve=["circle"])
+    edit = erasekit.erase(tiny_pipe, req, method="rece", preset="paper", epochs=2, progress=False)
+    flat = {k: v for k, v in edit.config.items() if k != "uce"}
+    flat.update(uce_lamb=0.1, uce_preserve_scale=0.1, uce_preserve_empty=False)
+    old = dataclasses.replace(edit, config=flat)
+    for epoch in (0, 1):
+        mine, want = rece_checkpoint(tiny_pipe, old, epoch), rece_checkpoint(tiny_pipe, edit, epoch)
+        assert all(torch.equal(mine.tensors[k], want.tensors[k]) for k in edit.tensors)
 
 
 @pytest.mark.parametrize(
     "overrides,match",
-    [({"derived_positions": "last"}, "derived_positions"), ({"uce_lamb": -1.0}, "uce_lamb")],
+    [({"derived_positions": "last"}, "derived_positions"), ({"uce": {"lamb": -1.0}}, "lamb")],
 )
 def test_bad_authors_options(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -55,6 +55,18 @@ def test_the_good_spec_loads(tmp_path):
     assert spec.operating_point.checks() == [1, 2]
 
 
+def test_composed_options_in_a_spec(tmp_path):
+    """RECE's UCE step is a UCE config: a spec sets its options as a TOML sub-table or by dotted name,
+    sweeps one of them, and a misspelt one is an error naming its line."""
+    rece = '\n[[methods]]\nlabel = "RECE"\nmethod = "rece"\nset = { uce = { lamb = 0.2 } }\n'
+    rece += 'sweep = { option = "uce.erase_scale", values = [1.0] }\n'
+    spec = load_spec(_write(tmp_path, GOOD + rece))
+    assert spec.methods[-1].set == {"uce": {"lamb": 0.2}} and spec.methods[-1].sweep_option == "uce.erase_scale"
+    bad = GOOD + rece.replace("lamb = 0.2", "lamm = 0.2")
+    with pytest.raises(SpecError, match=r"spec.toml:\d+: .*uce.lamm"):
+        load_spec(_write(tmp_path, bad))
+
+
 # (what is wrong, replace this, by this, text of the line the error must name, a word the message must have)
 BAD = [
     ("unknown method", 'method = "uce"', 'method = "ucee"', 'method = "ucee"', "Unknown method 'ucee'"),

@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,8 @@ def _json_default(o: Any) -> Any:
         return list(o)
     if hasattr(o, "item"):
         return o.item()
+    if is_dataclass(o) and not isinstance(o, type):  # a composed config (options.py)
+        return asdict(o)
     raise TypeError(f"Object of type {type(o).__name__} is not JSON serialisable")
 
 

@@ -13,6 +13,14 @@ effect when it was ignored. The preset's name stays on the config (:func:`config
 through :func:`parse_overrides` (each value checked against the field's type by
 :func:`coerce_option`) before it reaches :func:`build_config`.
 
+Configs compose: a field whose type is a config dataclass holds a config of its own (RECE's
+``uce`` is a :class:`~erasekit.methods.uce.UCEConfig`, the spectrum's ``sampling`` a
+:class:`~erasekit.eval.generate.SamplingConfig`). Its options are named with a dot (``uce.lamb``)
+in overrides, presets, ``--set`` and study specs; a nested dict (``{"uce": {"lamb": 0.1}}``, TOML's
+``uce.lamb = 0.1``) or a whole config object says the same. A config class may map option names it
+no longer has to their new names (``RENAMED_OPTIONS``): an error then names the new spelling, and
+:func:`config_from_record` reads a config saved under the old names.
+
 This module imports nothing of erasekit: the registries (``methods/base.py``, ``attacks/base.py``),
 the fine-tuning core and the run directory all build on it from above.
 """
@@ -20,11 +28,12 @@ the fine-tuning core and the run directory all build on it from above.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, Field, dataclass, fields
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import MISSING, Field, asdict, dataclass, fields, is_dataclass
 from typing import Any
 
 PRESET_ATTR = "_erasekit_preset"
@@ -80,15 +89,105 @@ def check_options_read(
         if method is None:
             raise TypeError("check_options_read needs `owner` (or `method`).")
         owner = f"method {method!r}"
+    _check_read(config, set(explicit), owner, preset, "")
+
+
+def _check_read(config: Any, explicit: set[str], owner: str, preset: str | None, prefix: str) -> None:
     for f in fields(config):
-        if f.name in explicit and not is_read(config, f):
-            cond = f.metadata["used_when"]
-            now = ", ".join(f"{k}={getattr(config, k)!r}" for k in cond)
+        name = prefix + f.name
+        if sub_config_class(type(config), f) is not None:
+            _check_read(getattr(config, f.name), explicit, owner, preset, name + ".")
+        elif name in explicit and not is_read(config, f):
+            cond = {prefix + k: v for k, v in f.metadata["used_when"].items()}
+            now = ", ".join(f"{prefix + k}={getattr(config, k)!r}" for k in f.metadata["used_when"])
             where = f" (preset {preset!r})" if preset is not None else ""
             raise ValueError(
-                f"Option `{f.name}` of {owner} is not read with {now}{where}: it is read only "
-                f"when {used_when_text(cond)}. Drop `{f.name}` or set {used_when_text(cond)}."
+                f"Option `{name}` of {owner} is not read with {now}{where}: it is read only "
+                f"when {used_when_text(cond)}. Drop `{name}` or set {used_when_text(cond)}."
             )
+
+
+# ------------------------------------------------------------------------------------------ composed configs
+@functools.cache
+def _hints(config_class: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(config_class)
+    except Exception:  # noqa: BLE001 - an annotation only a type checker can resolve: no composed fields
+        return {f.name: f.type for f in fields(config_class) if isinstance(f.type, type)}
+
+
+def sub_config_class(config_class: type, f: Field) -> type | None:
+    """The config dataclass field ``f`` of ``config_class`` holds, or ``None`` for a plain option."""
+    tp = _hints(config_class).get(f.name)
+    return tp if isinstance(tp, type) and is_dataclass(tp) else None
+
+
+def iter_options(config_class: type, default: Any = None, prefix: str = "") -> Iterator[tuple[str, Field, Any, type]]:
+    """``(name, field, default, owner class)`` of every option of ``config_class``; a composed config's
+    options come under its field's name (``uce.lamb``), with the defaults the outer field gives them."""
+    for f in fields(config_class):
+        d = field_default(f) if default is None else getattr(default, f.name)
+        sub = sub_config_class(config_class, f)
+        if sub is not None:
+            yield from iter_options(sub, d if d is not MISSING else None, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, d, config_class
+
+
+def option_names(config_class: type) -> list[str]:
+    """Every option of ``config_class`` by its (dotted) name."""
+    return [name for name, *_ in iter_options(config_class)]
+
+
+def flat_options(config_class: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with composed configs spelled by dotted names: ``{"uce": {"lamb": 0.1}}`` and
+    ``{"uce": UCEConfig(...)}`` become ``{"uce.lamb": 0.1, ...}``; other keys are kept as given."""
+    subs = {f.name: sub_config_class(config_class, f) for f in fields(config_class)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        head, dot, rest = key.partition(".")
+        sub = subs.get(head)
+        if sub is None:
+            out[key] = value
+        elif dot:
+            out.update({f"{head}.{k}": v for k, v in flat_options(sub, {rest: value}).items()})
+        elif is_dataclass(value) and not isinstance(value, type):
+            out.update({f"{head}.{k}": v for k, v in flat_options(sub, asdict(value)).items()})
+        elif isinstance(value, Mapping):
+            out.update({f"{head}.{k}": v for k, v in flat_options(sub, value).items()})
+        else:
+            out[key] = value  # refused by the config's own checks
+    return out
+
+
+def _construct(config_class: type, flat: Mapping[str, Any], default: Any = None) -> Any:
+    """``config_class`` from dotted values over its defaults (a composed field over the outer default)."""
+    kwargs: dict[str, Any] = {}
+    for f in fields(config_class):
+        sub = sub_config_class(config_class, f)
+        if sub is None:
+            if f.name in flat:
+                kwargs[f.name] = flat[f.name]
+            elif default is not None:
+                kwargs[f.name] = getattr(default, f.name)
+            continue
+        inner = {k[len(f.name) + 1 :]: v for k, v in flat.items() if k.startswith(f.name + ".")}
+        base = getattr(default, f.name) if default is not None else field_default(f)
+        if f.name in flat:  # not a config: let the class's own check name it
+            kwargs[f.name] = flat[f.name]
+        elif inner or default is not None:
+            kwargs[f.name] = _construct(sub, inner, base if base is not MISSING else None)
+    return config_class(**kwargs)
+
+
+def config_from_record(config_class: type, record: Mapping[str, Any]) -> Any:
+    """A config from a saved record (an edit's ``config``, a JSON file): its known options, composed
+    configs as nested dicts, options saved under an older name (``RENAMED_OPTIONS``) read by their
+    new one; keys that are not options (``preset``, a run's extras) are ignored."""
+    renamed = getattr(config_class, "RENAMED_OPTIONS", {})
+    flat = flat_options(config_class, {renamed.get(k, k): v for k, v in record.items()})
+    valid = set(option_names(config_class))
+    return _construct(config_class, {k: v for k, v in flat.items() if k in valid})
 
 
 # ------------------------------------------------------------------------------------------ building a config
@@ -100,11 +199,16 @@ def pick_preset(presets: Mapping[str, Preset], chosen: str, owner: str) -> Prese
 
 
 def unknown_options(config_class: type, keys: Iterable[str], owner: str) -> None:
-    """Refuse keys that are not fields of ``config_class``, listing the valid ones."""
-    valid = {f.name for f in fields(config_class)}
+    """Refuse keys that are not options of ``config_class`` (dotted for composed configs), listing the
+    valid ones; a key the class renamed (``RENAMED_OPTIONS``) is named with its new spelling."""
+    valid = set(option_names(config_class))
     bad = sorted(set(keys) - valid)
     if bad:
-        raise ValueError(f"Unknown option(s) {bad} for {owner}; valid options: {sorted(valid)}.")
+        renamed = getattr(config_class, "RENAMED_OPTIONS", {})
+        moved = "; ".join(f"`{k}` is now `{renamed[k]}`" for k in bad if k in renamed)
+        raise ValueError(
+            f"Unknown option(s) {bad} for {owner}{f' ({moved})' if moved else ''}; valid options: {sorted(valid)}."
+        )
 
 
 def build_config(config_class: type, overrides: Mapping[str, Any], *, owner: str, preset: Preset | None = None) -> Any:
@@ -114,8 +218,10 @@ def build_config(config_class: type, overrides: Mapping[str, Any], *, owner: str
     set option the resulting config does not read, are each a ``ValueError``; the config's own
     ``__post_init__`` checks run as usual. With a preset, its name is kept on the config.
     """
+    overrides = flat_options(config_class, overrides)
     unknown_options(config_class, overrides, owner)
-    config = config_class(**{**(preset.values if preset is not None else {}), **overrides})
+    values = flat_options(config_class, preset.values) if preset is not None else {}
+    config = _construct(config_class, {**values, **overrides})
     check_options_read(config, set(overrides), owner=owner, preset=preset.name if preset is not None else None)
     if preset is not None:
         object.__setattr__(config, PRESET_ATTR, preset.name)
@@ -133,22 +239,24 @@ def parse_overrides(config_class: type, pairs: list[str]) -> dict[str, Any]:
     the field's type (``resume=false`` is ``False``, ``lamb=abc`` and ``lamb=1e999`` are errors naming
     the option and what it takes)."""
 
-    valid = {f.name: f for f in fields(config_class)}
-    hints = typing.get_type_hints(config_class)
+    owners = {name: (f, owner) for name, f, _, owner in iter_options(config_class)}
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep:
             raise ValueError(f"`--set {pair}` must look like KEY=VALUE, e.g. --set lamb=0.1.")
-        if key not in valid:
-            raise ValueError(f"`--set {key}`: unknown option; valid options: {sorted(valid)}.")
+        if key not in owners:
+            renamed = getattr(config_class, "RENAMED_OPTIONS", {})
+            now = f" (it is now `{renamed[key]}`)" if key in renamed else ""
+            raise ValueError(f"`--set {key}`: unknown option{now}; valid options: {sorted(owners)}.")
         raw = raw.strip()
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             value = raw  # a bare string
-        out[key] = coerce_option(key, value, raw, hints.get(key, Any))
+        f, owner = owners[key]
+        out[key] = coerce_option(key, value, raw, _hints(owner).get(f.name, Any))
     return out
 
 

@@ -26,7 +26,7 @@ from erasekit.cli.common import (
 from erasekit.eval.generate import parse_seeds
 from erasekit.families.memory import OPTIMIZERS, MemoryOptions, check_applies, set_memory_options
 from erasekit.methods.base import erase as erasekit_erase
-from erasekit.methods.base import field_default, fine_tuned_methods, make_config, preset_diff, used_when_text
+from erasekit.methods.base import fine_tuned_methods, iter_options, make_config, preset_diff, used_when_text
 from erasekit.methods.hide import KEY_META, RecoverConfig, RecoveryKey, check_key_dir
 from erasekit.methods.hide import recover as run
 from erasekit.pipeline import base_info
@@ -44,10 +44,10 @@ def methods() -> None:
             diff = preset_diff(name, pname)
             changes = ", ".join(f"{k}={v!r}" for k, v in diff.items()) or "the defaults below"
             typer.echo(f"  preset {pname}{mark}: {p.summary}; sets {changes}")
-        for f in fields(spec.config_class):
+        for oname, f, default, _ in iter_options(spec.config_class):
             when = f.metadata.get("used_when")
             note = f"  [read when {used_when_text(when)}]" if when else ""
-            typer.echo(f"    {f.name} = {field_default(f)!r}  {f.metadata.get('help', '')}{note}")
+            typer.echo(f"    {oname} = {default!r}  {f.metadata.get('help', '')}{note}")
 
 
 def _method_names() -> str:

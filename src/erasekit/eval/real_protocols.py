@@ -271,7 +271,6 @@ def i2p(
             lines.append({"prompt": r["prompt"], "seed": r["seed"], "path": r["path"], "detections": dets})
     import json
 
-
     write_text_atomic(out / "nudenet.jsonl", "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
     per_row = [found[(r["prompt"], r["seed"])] for r in records]
     res = _base_result("i2p", pipe, prompts_info(prompts, "i2p", len(items)), sampling, len(items))

@@ -55,9 +55,7 @@ class MemoryOptions:
         return {"optimizer": self.optimizer} if self.optimizer != "adam" else {}
 
 
-def check_applies(
-    options: MemoryOptions, method: str, fine_tuned: Sequence[str], *, given: Sequence[str] = ()
-) -> None:
+def check_applies(options: MemoryOptions, method: str, fine_tuned: Sequence[str], *, given: Sequence[str] = ()) -> None:
     """Refuse ``options`` that differ from the defaults (or are named in ``given``: set explicitly, e.g. a
     command-line flag) for ``method`` unless it is one of the ``fine_tuned`` methods (those that run
     :func:`erasekit.finetune.finetune`): a closed-form method would silently ignore them."""

@@ -26,7 +26,7 @@ Configs are built by :func:`erasekit.options.build_config`, as the attacks' are:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -41,7 +41,10 @@ from erasekit.options import (  # noqa: F401 - check_options_read, is_read, used
     check_options_read,
     config_preset,
     field_default,
+    flat_options,
     is_read,
+    iter_options,
+    option_names,
     pick_preset,
     used_when_text,
 )
@@ -87,10 +90,10 @@ def register(
         raise ValueError(f"Method {name!r} must register the presets 'paper' and 'authors'; missing {sorted(missing)}.")
     if default_preset not in presets:
         raise ValueError(f"Method {name!r}: default_preset {default_preset!r} is not one of {sorted(presets)}.")
-    valid = {f.name for f in fields(config_class)}
+    valid = set(option_names(config_class))
     table = {}
     for pname, (psummary, values) in presets.items():
-        bad = sorted(set(values) - valid)
+        bad = sorted(set(flat_options(config_class, values)) - valid)
         if bad:
             raise ValueError(f"Method {name!r}, preset {pname!r}: unknown option(s) {bad}.")
         table[pname] = Preset(pname, dict(values), psummary)
@@ -133,8 +136,9 @@ def make_config(name: str, preset: str | None = None, **overrides: Any):
 def preset_diff(name: str, preset: str) -> dict[str, Any]:
     """The values of ``preset`` that differ from the method's dataclass defaults (what the preset changes)."""
     spec = get_method(name)
-    defaults = {f.name: field_default(f) for f in fields(spec.config_class)}
-    return {k: v for k, v in resolve_preset(name, preset).values.items() if defaults.get(k) != v}
+    defaults = {k: d for k, _, d, _ in iter_options(spec.config_class)}
+    values = flat_options(spec.config_class, resolve_preset(name, preset).values)
+    return {k: v for k, v in values.items() if defaults.get(k) != v}
 
 
 def erase(

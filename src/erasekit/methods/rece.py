@@ -37,8 +37,9 @@ contrast, always compares against the ORIGINAL weights. Each epoch erases only t
 embeddings (Algorithm 1, lines 9-15); the original concept was erased by the UCE step.
 
 **The UCE step and the epochs have their own eq. 3 settings.** ``lamb`` / ``preserve_scale`` /
-``preserve_empty`` weight every derive-erase epoch; ``uce_lamb`` / ``uce_preserve_scale`` /
-``uce_preserve_empty`` weight the preliminary UCE step. The paper sets lambda_1 = lambda_2 = 0.1
+``preserve_empty`` weight every derive-erase epoch; the preliminary UCE step is a UCE config of its
+own, ``uce`` (``uce.lamb`` / ``uce.preserve_scale`` / ``uce.preserve_empty``; edits saved before it
+was one spelled them ``uce_lamb`` ..., and still load). The paper sets lambda_1 = lambda_2 = 0.1
 everywhere (section 4, "following the implementation in [UCE]") and preserves only ``P``. The
 authors' ``train.py`` instead starts from a UCE checkpoint made by UCE's own script
 (``erased-...-preserve_false-...-1-1.0.pt``: lambda 0.5, ``""`` retained at preserve scale
@@ -70,6 +71,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -92,6 +94,7 @@ from erasekit.methods.uce import (
     uce_embeddings,
     uce_prompts,
 )
+from erasekit.options import config_from_record
 from erasekit.pipeline import base_info, cross_attention_modules
 
 DERIVED_KEY = "rece.derived"
@@ -106,20 +109,42 @@ RECE_PRESETS: dict[str, dict[str, float | int]] = {
 }
 # What the paper preset changes from the (authors) defaults.
 PAPER_VALUES: dict[str, object] = {
-    "uce_lamb": 0.1,
-    "uce_preserve_scale": 0.1,
-    "uce_preserve_empty": False,
+    "uce": {"lamb": 0.1, "preserve_scale": 0.1, "preserve_empty": False},
     "preserve_empty": False,
     "derived_positions": "from_last_word",
     "preserve_positions": "from_last_word",
 }
 
 
+SHARED_WITH_UCE_STEP = ("erase_scale", "preserve_positions", "templates", "projections")
+"""RECE options the UCE step and the epochs share: RECE's own, mirrored into ``RECEConfig.uce``."""
+
+
 @dataclass
 class RECEConfig:
     """RECE hyperparameters; the defaults are the ``authors`` preset (module docstring; task presets in
-    :data:`RECE_PRESETS`)."""
+    :data:`RECE_PRESETS`).
 
+    The preliminary UCE step (Algorithm 1, line 6) is a whole :class:`~erasekit.methods.uce.UCEConfig`,
+    ``uce`` (``--set uce.lamb=0.1``), except for the settings the UCE step and the epochs share
+    (:data:`SHARED_WITH_UCE_STEP`: erase scale, preserve positions, templates, projections), which are
+    RECE's own and copied into ``uce``; a different value set in ``uce`` for one of those is an error.
+    """
+
+    RENAMED_OPTIONS: ClassVar[dict[str, str]] = {
+        "uce_lamb": "uce.lamb",
+        "uce_preserve_scale": "uce.preserve_scale",
+        "uce_preserve_empty": "uce.preserve_empty",
+    }
+
+    uce: UCEConfig = field(
+        default_factory=UCEConfig,
+        metadata={
+            "help": "the preliminary UCE step (Algorithm 1, line 6), UCE's own options (authors: UCE's defaults, "
+            "lamb 0.5, preserve_scale None = max(0.1, 1/#retained), '' preserved; paper: lamb = preserve_scale = 0.1, "
+            "'' not preserved)"
+        },
+    )
     epochs: int = field(default=3, metadata={"help": "T: derive-and-erase rounds after the UCE step (>= 1)"})
     lamb_derive: float = field(
         default=0.1, metadata={"help": "lambda of eq. 7: pulls the derived embedding to 0 (0.1 unsafe, 1e-3 art)"}
@@ -133,14 +158,6 @@ class RECEConfig:
     lamb: float = field(
         default=0.1, metadata={"help": "lambda_2 of eq. 2/3 in the epochs: weight of ||W - W_old||_F^2"}
     )
-    uce_lamb: float = field(default=0.5, metadata={"help": "lambda_2 of the UCE step (authors: UCE's 0.5; paper: 0.1)"})
-    uce_preserve_scale: float | None = field(
-        default=None,
-        metadata={"help": "lambda_1 of the UCE step; None: UCE's code's max(0.1, 1/#retained) (paper: 0.1)"},
-    )
-    uce_preserve_empty: bool = field(
-        default=True, metadata={"help": "preserve the empty prompt in the UCE step (as UCE's code does)"}
-    )
     preserve_empty: bool = field(
         default=True, metadata={"help": "preserve the empty prompt in every epoch (as RECE's code does)"}
     )
@@ -149,57 +166,61 @@ class RECEConfig:
         metadata={"help": "positions of the derived embeddings erased: all 77, i with i (authors) or from_last_word"},
     )
     preserve_positions: Positions = field(
-        default="all", metadata={"help": "positions of the preserved prompts: all 77 (authors) or from_last_word"}
+        default="all",
+        metadata={
+            "help": "positions of the preserved prompts: all 77 (authors) or from_last_word (UCE step and epochs)"
+        },
     )
     templates: list[str] = field(
         default_factory=lambda: ["{}"],
         metadata={"help": "prompt templates each concept is expanded with, e.g. ['{}', 'a picture of a {}']"},
     )
     projections: tuple[str, ...] = field(
-        default=("to_k", "to_v"), metadata={"help": "cross-attention projections to edit"}
+        default=("to_k", "to_v"), metadata={"help": "cross-attention projections to edit (UCE step and epochs)"}
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.uce, dict):  # a saved config (asdict) or a spec's nested table
+            self.uce = UCEConfig(**self.uce)
+        if not isinstance(self.uce, UCEConfig):
+            raise ValueError(f"RECE `uce` must be a UCEConfig (or its options as a dict), got {self.uce!r}.")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs <= 0:
             raise ValueError(
                 f"RECE `epochs` must be an integer >= 1, got {self.epochs!r}; for the UCE step alone use method='uce'."
             )
         if self.lamb_derive < 0:
             raise ValueError(f"RECE `lamb_derive` (lambda of eq. 7) must be >= 0, got {self.lamb_derive}.")
-        if self.uce_lamb < 0 or (self.uce_preserve_scale is not None and self.uce_preserve_scale < 0):
-            raise ValueError(
-                "RECE `uce_lamb` and `uce_preserve_scale` must be >= 0 (`uce_preserve_scale` may be None)."
-            )
         check_positions("derived_positions", self.derived_positions)
         self.projections = tuple(self.projections)
-        self.uce_config()  # validates the eq. 3 settings with UCE's own checks
-        self.epoch_config()
+        default = UCEConfig()
+        for name in SHARED_WITH_UCE_STEP:
+            mine, theirs = _plain(getattr(self, name)), _plain(getattr(self.uce, name))
+            if theirs != mine and theirs != _plain(getattr(default, name)):
+                raise ValueError(
+                    f"RECE `uce.{name}` ({theirs!r}) differs from RECE's `{name}` ({mine!r}): the UCE step and the "
+                    f"epochs share it. Set `{name}` instead of `uce.{name}`."
+                )
+        self.uce = replace(self.uce, **{name: getattr(self, name) for name in SHARED_WITH_UCE_STEP})
+        self.epoch_config()  # validates the epochs' eq. 3 settings with UCE's own checks
 
     def uce_config(self) -> UCEConfig:
         """The eq. 3 settings of the preliminary UCE step (Algorithm 1, line 6)."""
-        return UCEConfig(
-            erase_scale=self.erase_scale,
-            preserve_scale=self.uce_preserve_scale,
-            lamb=self.uce_lamb,
-            preserve_empty=self.uce_preserve_empty,
-            erase_positions="from_last_word",
-            preserve_positions=self.preserve_positions,
-            templates=list(self.templates),
-            projections=self.projections,
-        )
+        return self.uce
 
     def epoch_config(self) -> UCEConfig:
-        """The eq. 3 settings of every derive-erase epoch (Algorithm 1, lines 14-16)."""
-        return UCEConfig(
-            erase_scale=self.erase_scale,
+        """The eq. 3 settings of every derive-erase epoch (Algorithm 1, lines 14-16): the UCE step's
+        shared settings with the epochs' own weights and the derived embeddings' positions."""
+        return replace(
+            self.uce,
             preserve_scale=self.preserve_scale,
             lamb=self.lamb,
             preserve_empty=self.preserve_empty,
             erase_positions=self.derived_positions,
-            preserve_positions=self.preserve_positions,
-            templates=list(self.templates),
-            projections=self.projections,
         )
+
+
+def _plain(v: object) -> object:
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def derivation_matrix(
@@ -471,8 +492,7 @@ def rece_checkpoint(pipe, edit: Edit, epoch: int, *, progress: bool = False) -> 
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= total:
         raise ValueError(f"`epoch` must be an integer in [0, {total}] for this edit, got {epoch!r}.")
     edit.check_base(pipe)
-    known = {f.name for f in RECEConfig.__dataclass_fields__.values()}
-    cfg = RECEConfig(**{**{k: v for k, v in edit.config.items() if k in known}, "epochs": max(epoch, 1)})
+    cfg = config_from_record(RECEConfig, {**edit.config, "epochs": max(epoch, 1)})  # also edits saved with uce_lamb ...
     out = _run(pipe, edit.request, cfg, epoch, progress)
     mine = out.aux[DERIVED_KEY]
     if not torch.allclose(mine, table[: epoch + 1].to(mine), rtol=1e-4, atol=1e-5):

@@ -34,7 +34,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +51,7 @@ from erasekit.eval.protocols import evaluate
 from erasekit.eval.real_detectors import NudeNetDetector
 from erasekit.finetune import FinetuneConfig, latest_checkpoint
 from erasekit.io import read_jsonl
-from erasekit.methods.base import field_default, get_method, make_config
+from erasekit.methods.base import get_method, iter_options, make_config
 from erasekit.pipeline import load_pipeline
 from erasekit.report.run_report import build_run_report
 from erasekit.runs import locked, parse_overrides
@@ -838,5 +838,6 @@ def method_options(method: str) -> str:
     """The options of ``method`` with their defaults and help (the ``erasekit methods`` listing)."""
     spec = get_method(method)
     return "\n".join(
-        f"{f.name} = {field_default(f)!r}  # {f.metadata.get('help', '')}" for f in fields(spec.config_class)
+        f"{name} = {default!r}  # {f.metadata.get('help', '')}"
+        for name, f, default, _ in iter_options(spec.config_class)
     )

@@ -219,7 +219,11 @@ def _remake_best(env: Env, cell: Cell, rd: RunDir, best: dict[str, Any]) -> dict
     t0 = time.perf_counter()
     edit, key = make_edit(env, cell, rd, **extra)
     sel = _summary(selection_metrics(env, cell, edit))
-    remade = {"selection": sel, "matches_curve": sel == best["selection"], "seconds": round(time.perf_counter() - t0, 3)}
+    remade = {
+        "selection": sel,
+        "matches_curve": sel == best["selection"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     return _save_best(rd, edit, key, {**best, "remade": remade})
 
 

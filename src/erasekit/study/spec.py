@@ -63,6 +63,7 @@ from erasekit.attacks.base import make_attack_config
 from erasekit.concepts import shapes_vocabulary
 from erasekit.eval.registry import discover_protocols
 from erasekit.methods.base import get_method, make_config, resolve_preset
+from erasekit.options import option_names
 from erasekit.world.shapes import OBJECTS
 from erasekit.world.tokenizer import TOKENIZER_DIR, load_clip_tokenizer
 
@@ -486,10 +487,10 @@ def parse_spec(raw: dict[str, Any], path: Path, text: str, *, check_model: bool 
             c.unknown(sweep, ("option", "values"), "methods", i)
             s_opt = c.take(sweep, "option", str, "methods", i, required=True, example='"erase_scale"')
             s_vals = c.take(sweep, "values", list, "methods", i, required=True, example="[0.5, 1.0, 2.0]")
-            if s_opt not in fields_:
+            if s_opt not in option_names(spec.config_class):
                 c.fail(
                     f"{mname!r} has no option {s_opt!r} to sweep",
-                    f"sweep one of {sorted(fields_)}",
+                    f"sweep one of {option_names(spec.config_class)}",
                     "methods",
                     i,
                     "sweep",
