@@ -67,12 +67,13 @@ class RefreshTimer:
 
 def time_method(pipe, request: EraseRequest, method: str, producer: str, args, seed: int) -> dict[str, Any]:
     """One fine-tuning run of ``--steps`` steps; seconds per step (amortised for ``pooled``)."""
+    method, _, preset = method.partition(":")  # "ap:paper": the method with that preset (default: its own)
     kw: dict[str, Any] = dict(steps=args.steps, ddim_steps=args.ddim_steps, seed=seed, zt_producer=producer)
     if producer == "pooled" and args.pool_size:
         kw["zt_pool_size"] = args.pool_size
     if method in ("ap", "age"):
         kw.update(vocabulary=args.vocabulary, k=args.k)
-    config = make_config(method, **kw)
+    config = make_config(method, preset or None, **kw)
     load = os.getloadavg()[0]
     with RefreshTimer() as timer:
         edit = erasekit.erase(pipe, request, method=method, config=config, progress=False)
@@ -139,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=10, help="fine-tuning steps per measured run")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
     ap.add_argument("--floor-iters", type=int, default=10, help="iterations of the floor measurement")
-    ap.add_argument("--methods", default="esd,ap", help="comma-separated: esd, ap, age")
+    ap.add_argument(
+        "--methods", default="esd,ap", help="comma-separated: esd, ap, age; METHOD:PRESET picks a preset (ap:paper)"
+    )
     ap.add_argument("--producers", default="exact,pooled", help="comma-separated z_t producers (first = old path)")
     ap.add_argument("--erase", default="triangle,square,star,heart,circle", help="comma-separated concepts to erase")
     ap.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the z_t sampler (ESD/AP: 50)")
