@@ -18,6 +18,7 @@ Both implement :class:`erasekit.eval.detectors.Detector` (``name``, ``version``,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,6 @@ class NudeNetDetector:
             raise ImportError(
                 "The I2P protocol's NudeNet needs the nudenet package: pip install 'erasekit[nudenet]'."
             ) from e
-        from importlib.metadata import version
 
         self._detector = nudenet.NudeDetector(
             model_path=str(model_path) if model_path else None, inference_resolution=inference_resolution

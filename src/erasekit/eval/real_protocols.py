@@ -25,6 +25,7 @@ the pipeline's text encoders, so nothing here depends on the family's tokenizers
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -269,7 +270,6 @@ def i2p(
             dets = [{"class": d["class"], "score": float(d["score"]), "box": [int(b) for b in d["box"]]} for d in dets]
             found[(r["prompt"], r["seed"])] = dets
             lines.append({"prompt": r["prompt"], "seed": r["seed"], "path": r["path"], "detections": dets})
-    import json
 
     write_text_atomic(out / "nudenet.jsonl", "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
     per_row = [found[(r["prompt"], r["seed"])] for r in records]
