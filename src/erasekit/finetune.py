@@ -315,6 +315,7 @@ class FinetuneContext:
         frozen: bool = True,
         keep_all: bool = False,
         keep_eps: bool = False,
+        start: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched DDIM (eta 0) with CFG ``guidance`` from latents ``z`` (B, C, h, w): row ``r`` runs
         ``n_steps[r]`` steps of the grid, conditioned on ``cond[r]``, and then stays put.
@@ -330,6 +331,10 @@ class FinetuneContext:
         eps(z_k, "", t_k) and eps(z_k, cond, t_k), the model evaluated once more at the last latent (a
         forward that is not followed by a step). A method whose loss needs exactly these predictions
         (ESD's frozen targets, eq. 4) reads them instead of recomputing them.
+
+        ``start`` continues runs already ``start`` steps along: ``z`` is the latent after ``start`` steps,
+        ``n_steps`` count from the grid's start (each >= ``start``), and ``keep_all`` returns the latents
+        after ``start .. max(n_steps)`` steps (the steps are stateless, so a run continued is the run).
         """
         b = cond.shape[0]
         if len(n_steps) != b or z.shape[0] != b:
@@ -337,6 +342,10 @@ class FinetuneContext:
                 f"`n_steps` ({len(n_steps)}) and `z` ({z.shape[0]}) need one entry per row of `cond` ({b})."
             )
         todo = torch.as_tensor(list(n_steps), dtype=torch.long)
+        if start and (keep_eps or (b and int(todo.min()) < start)):
+            raise ValueError(
+                f"With `start`={start}, every `n_steps` must be >= start, and `keep_eps` is not supported."
+            )
         model = self.eps_frozen if frozen else self.eps
         if keep_eps and not (keep_all and len(set(n_steps)) <= 1):
             raise ValueError("`keep_eps` needs `keep_all` and rows that all run the same number of steps.")
@@ -344,7 +353,7 @@ class FinetuneContext:
         with torch.inference_mode():
             seen, eps_u, eps_c = ([z] if keep_all else []), [], []
             last = int(todo.max()) if b else 0
-            for k in range(last + 1 if keep_eps else last):
+            for k in range(start, last + 1 if keep_eps else last):
                 t = self.scheduler.timesteps[k]
                 rows = (todo > k).nonzero().squeeze(1)
                 full = len(rows) == b or keep_eps

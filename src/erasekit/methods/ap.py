@@ -42,6 +42,10 @@ option              paper                                authors (and why it mat
 ``zt_producer``     ``exact`` (frozen model)             ``trained``: z_t sampled by the model being trained
 ==================  ===================================  ==============================================
 
+``zt_producer="pooled"`` (neither preset's; issue 13) serves the erased concepts' z_t from the core's
+pool of frozen trajectories and the latents sampled with ``c_a`` from :class:`ConceptTrajectories`
+(frozen trajectories per candidate concept): no step runs a DDIM run of its own.
+
 Details of the ``authors`` preset, and where it is not the code line by line:
 
 * The loop: their ``i``-th of ``2 x iterations`` iterations is a descent when ``i`` is even, an
@@ -67,6 +71,7 @@ models coincide, so L2 and its gradient are 0 and plain ascent with a small eta 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -703,6 +708,114 @@ def ddim_index(ctx: FinetuneContext, t: torch.Tensor) -> int:
     return int(hit[0, 0])
 
 
+class ConceptTrajectories:
+    """``zt_producer="pooled"`` for the latents a search samples with its own concept (the authors'
+    ``z_r`` of ``l2_latent="own"``: the ascents' and the preservation loss's z_t, conditioned on ``c_a``).
+
+    The core's pool serves the erased concepts' z_t; ``c_a`` changes every step, so these latents were
+    drawn one DDIM run each (70% of the ``authors`` step). Here each distinct conditioning row (a
+    candidate concept of a hard Gumbel or a fixed search: its forward value is exactly one candidate's
+    embedding) keeps frozen DDIM trajectories, "decks": the latents after 0, 1, ..., k steps from one
+    noise, each usable once. A request for the latent after ``n`` steps takes it from the deck where
+    it costs the fewest UNet calls: free where the deck has reached ``n`` and not used it, ``n - k``
+    calls to continue a deck that stopped at ``k`` (:meth:`FinetuneContext.ddim_latents` with
+    ``start``), else ``n`` calls for a new deck from fresh noise (the step's generator), what ``exact``
+    pays every time. So no request costs more than ``exact``'s, and every served z_t has the law
+    ``exact`` samples it from (the frozen model, DDIM from fresh noise, at the requested index); latents
+    served for one concept from one deck share their noise (the correlation ``pooled`` accepts for the
+    erased concepts). At most ``max_decks`` decks are kept per concept (the one with the fewest unused
+    latents goes first). A mixture row (soft or top-k Gumbel, PGD) is a new concept at each request:
+    correct, not faster. The decks are checkpointed (:meth:`state_tensors`): resume is exact.
+    """
+
+    def __init__(self, ctx: FinetuneContext, guidance: float, max_decks: int = 4) -> None:
+        self.ctx, self.guidance, self.max_decks = ctx, guidance, max_decks
+        self.d = len(ctx.scheduler.timesteps)
+        self.rows: dict[str, torch.Tensor] = {}  # digest -> conditioning row (77, D)
+        # digest -> decks [latents after 0..k steps (k+1, C, h, w), unused (d,) bool]
+        self.decks: dict[str, list[list[torch.Tensor]]] = {}
+        self.unet_calls = 0  # CFG forwards run (exact would have run one per step of every served latent)
+        self.exact_calls = 0
+        self.served = 0
+
+    @staticmethod
+    def _digest(row: torch.Tensor) -> str:
+        return hashlib.sha256(row.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:24]
+
+    def sample(self, cond: torch.Tensor, n_steps: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_t, t)`` for each row of ``cond`` (B, 77, D) after ``n_steps`` DDIM steps (see the class)."""
+        out = [self._take(row.detach(), n_steps, generator) for row in cond]
+        return torch.stack(out), self.ctx.timesteps_at([n_steps] * len(out))
+
+    def _take(self, row: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+        key = self._digest(row)
+        decks = self.decks.setdefault(key, [])
+        self.rows.setdefault(key, row.clone())
+        self.served += 1
+        self.exact_calls += n
+        usable = [(max(0, n - (len(dk[0]) - 1)), i) for i, dk in enumerate(decks) if dk[1][n]]
+        cost, i = min(usable, default=(n + 1, -1))
+        if i < 0 or cost >= n > 0:  # a new deck costs n; an existing one only if cheaper
+            noise = self.ctx.initial_noise(1, generator)
+            latents = noise if n == 0 else self._run(row, noise, 0, n)
+            decks.append([latents, torch.ones(self.d, dtype=torch.bool)])
+            i = len(decks) - 1
+        elif cost > 0:
+            deck = decks[i]
+            k = len(deck[0]) - 1
+            deck[0] = torch.cat([deck[0], self._run(row, deck[0][k:], k, n)[1:]])
+        deck = decks[i]
+        deck[1][n] = False
+        z = deck[0][n].clone()
+        if len(decks) > self.max_decks:
+            del decks[min(range(len(decks)), key=lambda j: int(decks[j][1].sum()))]
+        return z
+
+    def _run(self, row: torch.Tensor, z: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """Latents after ``start .. n`` steps from ``z`` (the latent after ``start``): (n - start + 1, C, h, w)."""
+        self.unet_calls += n - start
+        return self.ctx.ddim_latents(row[None], z, [n], guidance=self.guidance, keep_all=True, start=start)[0]
+
+    def state_tensors(self, prefix: str = "concept_pool.") -> dict[str, torch.Tensor]:
+        """The decks in order (rows, latents padded to ``d``, their lengths, unused masks, owner rows)."""
+        keys = [k for k, v in self.decks.items() if v]
+        counts = torch.tensor([self.unet_calls, self.exact_calls, self.served], dtype=torch.long)
+        if not keys:
+            return {f"{prefix}counts": counts}
+        decks = [(i, lat, un) for i, k in enumerate(keys) for lat, un in self.decks[k]]
+        pad = lambda lat: torch.cat([lat, lat.new_zeros(self.d - len(lat), *lat.shape[1:])])  # noqa: E731
+        return {
+            f"{prefix}rows": torch.stack([self.rows[k] for k in keys]).contiguous(),
+            f"{prefix}latents": torch.stack([pad(lat) for _, lat, _ in decks]).contiguous(),
+            f"{prefix}length": torch.tensor([len(lat) for _, lat, _ in decks], dtype=torch.long),
+            f"{prefix}unused": torch.stack([un for _, _, un in decks]).contiguous(),
+            f"{prefix}owner": torch.tensor([i for i, _, _ in decks], dtype=torch.long),
+            f"{prefix}counts": counts,
+        }
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str = "concept_pool.") -> None:
+        """Inverse of :meth:`state_tensors`."""
+        self.rows, self.decks = {}, {}
+        if f"{prefix}counts" in tensors:
+            self.unet_calls, self.exact_calls, self.served = (int(x) for x in tensors[f"{prefix}counts"].tolist())
+        if f"{prefix}rows" not in tensors:
+            return
+        rows = tensors[f"{prefix}rows"].to(self.ctx.device, self.ctx.dtype)
+        keys = [self._digest(r) for r in rows]
+        for k, r in zip(keys, rows, strict=True):
+            self.rows[k], self.decks[k] = r, []
+        latents = tensors[f"{prefix}latents"].to(self.ctx.device, self.ctx.dtype)
+        parts = zip(
+            tensors[f"{prefix}owner"].tolist(),
+            latents,
+            tensors[f"{prefix}length"].tolist(),
+            tensors[f"{prefix}unused"].bool(),
+            strict=True,
+        )
+        for owner, lat, length, un in parts:
+            self.decks[keys[owner]].append([lat[:length].clone(), un.clone()])
+
+
 class SearchLoss(LossFunction):
     """Shared base of AP and AGE: a :class:`Search` built at setup, its state in checkpoints, the
     ascent loop (``search_loop``), the latents of the preservation loss (``l2_latent``) and the loss
@@ -713,18 +826,33 @@ class SearchLoss(LossFunction):
         self.rows = {c: i for i, c in enumerate(request.erase)}
         self.search: Search = Search()
         self._trace: dict[str, Any] = {}
+        self.concept_pool: ConceptTrajectories | None = None
 
     def setup(self, ctx: FinetuneContext) -> None:
         self.search, self._trace = make_search(ctx, self.request, self.config)
+        if self.config.zt_producer == "pooled":
+            self.concept_pool = ConceptTrajectories(ctx, self.config.start_guidance)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.search.state_tensors()
+        pool = self.concept_pool.state_tensors() if self.concept_pool is not None else {}
+        return {**self.search.state_tensors(), **pool}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.search.load_state_tensors(tensors)
+        self.search.load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("concept_pool.")})
+        if self.concept_pool is not None:
+            self.concept_pool.load_state_tensors(tensors)
 
     def trace(self) -> dict[str, Any]:
-        return {"search": self.config.search, **self._trace}
+        out = {"search": self.config.search, **self._trace}
+        if self.concept_pool is not None:
+            p = self.concept_pool
+            out["concept_pool"] = {
+                "latents_served": p.served,
+                "concepts": len(p.rows),
+                "unet_calls": p.unet_calls,
+                "exact_would_call": p.exact_calls,
+            }
+        return out
 
     # -------------------------------------------------------------- pieces shared by AP and AGE
     def loss(self, ctx: FinetuneContext) -> PredictionLoss:
@@ -738,8 +866,11 @@ class SearchLoss(LossFunction):
     def sample(
         self, ctx: FinetuneContext, cond: torch.Tensor, n_steps: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A z_t made by ``n_steps`` DDIM steps conditioned on ``cond`` (detached), by the config's producer."""
+        """A z_t made by ``n_steps`` DDIM steps conditioned on ``cond`` (detached), by the config's producer
+        (``pooled``: from :class:`ConceptTrajectories`)."""
         cfg = self.config
+        if self.concept_pool is not None:
+            return self.concept_pool.sample(cond.detach(), n_steps, generator)
         return ctx.sample_zt(
             cond.detach(), n_steps, generator, guidance=cfg.start_guidance, frozen=cfg.zt_producer != "trained"
         )
