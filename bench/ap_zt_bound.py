@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import torch
+from bench_finetune import RefreshTimer  # bench/ is on sys.path when this script runs
 
 import erasekit
 import erasekit.finetune as ft
@@ -34,28 +35,6 @@ def _free_sample_zt(self, cond, n_steps, generator, *, guidance, frozen=True):
     """The z_t sampler at zero cost: the start noise, labelled with the asked-for timestep."""
     b = cond.shape[0]
     return self.initial_noise(b, generator), self.timesteps_at([n_steps] * b)
-
-
-class _RefreshClock:
-    """Sums the time of ``PooledProducer._refresh`` calls while active."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._real = ft.PooledProducer._refresh
-
-    def __enter__(self) -> _RefreshClock:
-        clock = self
-
-        def timed(producer, step: int, k: int) -> None:
-            t0 = time.perf_counter()
-            clock._real(producer, step, k)
-            clock.seconds += time.perf_counter() - t0
-
-        ft.PooledProducer._refresh = timed  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        ft.PooledProducer._refresh = self._real  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -88,7 +67,7 @@ def main() -> None:
             try:
                 loads.append(os.getloadavg()[0])
                 t0 = time.perf_counter()
-                with _RefreshClock() as clock:
+                with RefreshTimer() as clock:
                     edit = erasekit.erase(
                         pipe,
                         req,
@@ -113,8 +92,10 @@ def main() -> None:
         "ap_authors_exact_over_free": med["ap authors exact"] / med["ap authors pooled + free sampler"],
         "ap_authors_trained_over_free": med["ap authors trained (preset)"] / med["ap authors pooled + free sampler"],
         "ap_paper_exact_over_free": med["ap paper exact"] / med["ap paper pooled + free sampler"],
-        "ap_authors_free_over_esd_pooled": med["ap authors pooled + free sampler"] / med["esd pooled, refreshes not charged"],
-        "ap_paper_free_over_esd_pooled": med["ap paper pooled + free sampler"] / med["esd pooled, refreshes not charged"],
+        "ap_authors_free_over_esd_pooled": med["ap authors pooled + free sampler"]
+        / med["esd pooled, refreshes not charged"],
+        "ap_paper_free_over_esd_pooled": med["ap paper pooled + free sampler"]
+        / med["esd pooled, refreshes not charged"],
     }
     print(
         f"\n== medians over {args.reps} reps, {args.threads} thread(s), DDIM {args.ddim_steps}, load {min(loads):.2f}-{max(loads):.2f}"
