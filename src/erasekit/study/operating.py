@@ -348,6 +348,7 @@ def _run(spec: StudySpec, cell: Cell, rd: RunDir) -> dict[str, Any]:
         "seconds": {
             "train": point.get("train_seconds", 0.0),
             "selection_eval": point.get("selection_eval_seconds", 0.0),
+            **({"remake": point["remade"]["seconds"]} if "remade" in point else {}),
         },
     }
     if spec.evaluation is not None:

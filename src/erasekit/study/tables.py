@@ -229,21 +229,23 @@ def _failed(spec: StudySpec, study_dir: Path) -> list[tuple[str, str]]:
 
 
 def timing(spec: StudySpec, study_dir: Path) -> str:
-    """Wall time per method: training, selection checks, test evaluation, attacks (seconds), and the shares."""
+    """Wall time per method: training, selection checks, test evaluation, attacks, and remaking a best
+    check's edit (``best.json["remade"]``: training to it again and one selection check), in seconds,
+    and the shares."""
     res = results(spec, study_dir)
-    keys = ("train", "selection_eval", "test_eval", "attacks")
+    keys = ("train", "selection_eval", "test_eval", "attacks", "remake")
     lines = [
         f"# Study {spec.name!r}: wall time of the done cells (s)",
         "",
-        "| Method | cells | train | selection eval | test eval | attacks | total |",
-        "|---|---|---|---|---|---|---|",
+        "| Method | cells | train | selection eval | test eval | attacks | remake | total |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     grand = dict.fromkeys(keys, 0.0)
     for m in [x.label for x in spec.methods]:
         mres = [r for r in res if r["method"] == m]
         if not mres:
             continue
-        s = {k: float(sum(r["seconds"].get(k, 0.0) for r in mres)) for k in keys}
+        s = {k: float(sum(_seconds(r, k) for r in mres)) for k in keys}
         for k in keys:
             grand[k] += s[k]
         lines.append(
@@ -254,6 +256,12 @@ def timing(spec: StudySpec, study_dir: Path) -> str:
     if tot > 0:
         lines += ["", "Share: " + ", ".join(f"{k} {100 * grand[k] / tot:.1f}%" for k in keys) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _seconds(result: dict[str, Any], key: str) -> float:
+    if key == "remake":  # recorded with the operating point (cells remade before results carried it too)
+        return float((result.get("operating_point") or {}).get("remade", {}).get("seconds", 0.0))
+    return float(result["seconds"].get(key, 0.0))
 
 
 def curves(spec: StudySpec, study_dir: Path) -> dict[str, list[dict[str, Any]]]:
