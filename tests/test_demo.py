@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,20 @@ def test_demo_rejects_unknown_object(tmp_path):
     with pytest.raises(ValueError, match="not a miniature object"):
         run_demo(tmp_path / "d", concept="dragon")
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_command_parses_its_default_out(monkeypatch):
+    """`make demo` runs `erasekit demo` with no options: the default --out (a Path) goes through the
+    --out parser too (typer >= 0.29 passes defaults to it), and an empty --out is still refused."""
+    from typer.testing import CliRunner
+
+    import erasekit.cli.demo as cli_demo
+    from erasekit.cli import app
+
+    seen = {}
+    monkeypatch.setattr(cli_demo, "run_demo", lambda out, **kw: seen.update(out=out, **kw))
+    res = CliRunner().invoke(app, ["demo"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"out": Path("runs/demo"), "concept": "triangle", "n_per_class": 20}
+    res = CliRunner().invoke(app, ["demo", "--out", ""])
+    assert res.exit_code == 2 and "is empty" in res.output

@@ -42,10 +42,11 @@ class App(typer.Typer):
         return deco
 
 
-def out_dir(value: str) -> Path:
+def out_dir(value: str | Path) -> Path:
     """Parse an ``--out`` value: an empty one (an unset shell variable) is refused, not read as the
-    current directory, which would fill the working tree with a run's files."""
-    if not value.strip():
+    current directory, which would fill the working tree with a run's files. Typer >= 0.29 also
+    passes an option's default (a ``Path``) through this parser."""
+    if not str(value).strip():
         raise typer.BadParameter("is empty: name a directory, e.g. --out runs/NAME")
     return Path(value)
 
