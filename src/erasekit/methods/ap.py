@@ -723,13 +723,16 @@ class ConceptTrajectories:
     pays every time. So no request costs more than ``exact``'s, and every served z_t has the law
     ``exact`` samples it from (the frozen model, DDIM from fresh noise, at the requested index); latents
     served for one concept from one deck share their noise (the correlation ``pooled`` accepts for the
-    erased concepts). At most ``max_decks`` decks are kept per concept (the one with the fewest unused
-    latents goes first). A mixture row (soft or top-k Gumbel, PGD) is a new concept at each request:
+    erased concepts). At most ``max_decks`` decks are kept per concept, and all decks together hold at
+    most ``budget_bytes`` of latents (256 MiB: 80 full decks of SD 1.x at DDIM 50, thousands on the
+    miniature); beyond either, the deck with the fewest unused latents goes first. A mixture row (soft or top-k Gumbel, PGD) is a new concept at each request:
     correct, not faster. The decks are checkpointed (:meth:`state_tensors`): resume is exact.
     """
 
-    def __init__(self, ctx: FinetuneContext, guidance: float, max_decks: int = 4) -> None:
-        self.ctx, self.guidance, self.max_decks = ctx, guidance, max_decks
+    def __init__(
+        self, ctx: FinetuneContext, guidance: float, max_decks: int = 4, budget_bytes: int = 256 * 2**20
+    ) -> None:
+        self.ctx, self.guidance, self.max_decks, self.budget_bytes = ctx, guidance, max_decks, budget_bytes
         self.d = len(ctx.scheduler.timesteps)
         self.rows: dict[str, torch.Tensor] = {}  # digest -> conditioning row (77, D)
         # digest -> decks [latents after 0..k steps (k+1, C, h, w), unused (d,) bool]
@@ -769,6 +772,10 @@ class ConceptTrajectories:
         z = deck[0][n].clone()
         if len(decks) > self.max_decks:
             del decks[min(range(len(decks)), key=lambda j: int(decks[j][1].sum()))]
+        deck_bytes = z.numel() * z.element_size() * self.d  # a full deck
+        if sum(len(v) for v in self.decks.values()) > max(1, self.budget_bytes // deck_bytes):
+            _, k, j = min((int(dk[1].sum()), k, j) for k, v in self.decks.items() for j, dk in enumerate(v))
+            del self.decks[k][j]  # the least useful deck of any concept
         return z
 
     def _run(self, row: torch.Tensor, z: torch.Tensor, start: int, n: int) -> torch.Tensor:
