@@ -144,12 +144,13 @@ def test_stage_marks(tmp_path):
 
 def test_edit_round_trip_and_the_older_layout(tmp_path):
     rd = RunDir.create(tmp_path / "r", IDENT)
-    assert not rd.has_edit()
+    assert not rd.has_edit() and rd.edit_digest() is None
     with pytest.raises(FileNotFoundError, match="holds no edit"):
         rd.load_edit()
     edit = _edit()
     rd.save_edit(edit)
     assert (tmp_path / "r" / "edit" / "edit.json").exists() and rd.has_edit()
+    assert rd.edit_digest() == edit.digest()  # from the metadata, tensors not loaded
     back = RunDir.open(tmp_path / "r").load_edit()
     assert back.digest() == edit.digest() and back.request == edit.request
     # the layout before run.json: edit.json and config.json at the top of the folder

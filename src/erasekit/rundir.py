@@ -432,6 +432,12 @@ class RunDir(ResumableDir):
         """Save ``edit`` to ``edit/`` (atomically, see :meth:`Edit.save`)."""
         return edit.save(self.edit_dir)
 
+    def edit_digest(self) -> str | None:
+        """The digest the run's edit recorded when saved (``None``: no edit, or one saved without a digest);
+        read from its metadata without loading the tensors (:meth:`load_edit` checks them against it)."""
+        d = self._edit_folder()
+        return None if d is None else json.loads((d / EDIT_META).read_text()).get("digest")
+
     def load_edit(self) -> Edit:
         """The run's edit (digest-checked by :meth:`Edit.load`)."""
         d = self._edit_folder()

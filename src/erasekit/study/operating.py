@@ -206,7 +206,7 @@ def _save_best(rd: RunDir, edit: Any, key: Any, point: dict[str, Any]) -> dict[s
 def _holds_best(rd: RunDir, best: dict[str, Any]) -> bool:
     """Whether ``edit/`` holds the edit of ``best`` (by the digest recorded with it)."""
     want = best.get("edit_digest")
-    return want is not None and rd.has_edit() and rd.load_edit().digest() == want
+    return want is not None and rd.edit_digest() == want
 
 
 def _remake_best(env: Env, cell: Cell, rd: RunDir, best: dict[str, Any]) -> dict[str, Any]:
