@@ -69,11 +69,12 @@ def test_never_costlier_than_exact_and_decks_are_bounded(tiny_pipe):
     assert all(len(v) <= 2 for v in pool.decks.values())
     rows = ctx.embed(["triangle", "circle", "star", "heart"])
     one = pool.sample(rows[:1], 0, g)[0]
-    deck = one.numel() * one.element_size() * 6
+    deck = one.numel() * one.element_size() * 6 + rows[0].numel() * rows[0].element_size()  # latents + row
     small = ConceptTrajectories(ctx, guidance=3.0, max_decks=4, budget_bytes=3 * deck)  # 3 decks in all
     for i in range(24):
         small.sample(rows[i % 4][None], 5, g)
         assert sum(len(v) for v in small.decks.values()) <= 3
+        assert set(small.rows) == set(small.decks) and all(small.decks.values())  # evicted concepts forgotten
 
 
 def test_state_round_trip_continues_identically(tiny_pipe):

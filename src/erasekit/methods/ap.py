@@ -75,7 +75,6 @@ models coincide, so L2 and its gradient are 0 and plain ascent with a small eta 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -84,7 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from erasekit.concepts import load_vocabulary, nearest_concepts, stratified_concepts
-from erasekit.edit import Edit, EraseRequest
+from erasekit.edit import Edit, EraseRequest, tensors_digest
 from erasekit.finetune import (
     FinetuneConfig,
     FinetuneContext,
@@ -727,10 +726,11 @@ class ConceptTrajectories:
     pays every time. So no request costs more than ``exact``'s, and every served z_t has the law
     ``exact`` samples it from (the frozen model, DDIM from fresh noise, at the requested index); latents
     served for one concept from one deck share their noise (the correlation ``pooled`` accepts for the
-    erased concepts). At most ``max_decks`` decks are kept per concept, and all decks together hold at
-    most ``budget_bytes`` of latents (256 MiB: 80 full decks of SD 1.x at DDIM 50, thousands on the
-    miniature); beyond either, the deck with the fewest unused latents goes first. A mixture row (soft or top-k Gumbel, PGD) is a new concept at each request:
-    correct, not faster. The decks are checkpointed (:meth:`state_tensors`): resume is exact.
+    erased concepts). At most ``max_decks`` decks are kept per concept, and all decks with their
+    concepts' rows hold at most ``budget_bytes`` (256 MiB: 76 full decks of SD 1.x at DDIM 50, 2641 on
+    the miniature); beyond either, the deck with the fewest unused latents goes first, and a concept
+    left without decks is forgotten. A mixture row (soft or top-k Gumbel, PGD) is a new concept at each
+    request: correct, not faster. The decks are checkpointed (:meth:`state_tensors`): resume is exact.
     """
 
     def __init__(
@@ -745,17 +745,13 @@ class ConceptTrajectories:
         self.exact_calls = 0
         self.served = 0
 
-    @staticmethod
-    def _digest(row: torch.Tensor) -> str:
-        return hashlib.sha256(row.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:24]
-
     def sample(self, cond: torch.Tensor, n_steps: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_t, t)`` for each row of ``cond`` (B, 77, D) after ``n_steps`` DDIM steps (see the class)."""
         out = [self._take(row.detach(), n_steps, generator) for row in cond]
         return torch.stack(out), self.ctx.timesteps_at([n_steps] * len(out))
 
     def _take(self, row: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-        key = self._digest(row)
+        key = tensors_digest({"row": row})
         decks = self.decks.setdefault(key, [])
         self.rows.setdefault(key, row.clone())
         self.served += 1
@@ -776,10 +772,13 @@ class ConceptTrajectories:
         z = deck[0][n].clone()
         if len(decks) > self.max_decks:
             del decks[min(range(len(decks)), key=lambda j: int(decks[j][1].sum()))]
-        deck_bytes = z.numel() * z.element_size() * self.d  # a full deck
+        # a full deck and its concept's row (an upper bound: concepts with several decks keep one row)
+        deck_bytes = z.numel() * z.element_size() * self.d + row.numel() * row.element_size()
         if sum(len(v) for v in self.decks.values()) > max(1, self.budget_bytes // deck_bytes):
             _, k, j = min((int(dk[1].sum()), k, j) for k, v in self.decks.items() for j, dk in enumerate(v))
             del self.decks[k][j]  # the least useful deck of any concept
+            if not self.decks[k]:  # a concept without decks keeps nothing (mixture rows never come back)
+                del self.decks[k], self.rows[k]
         return z
 
     def _run(self, row: torch.Tensor, z: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -812,7 +811,7 @@ class ConceptTrajectories:
         if f"{prefix}rows" not in tensors:
             return
         rows = tensors[f"{prefix}rows"].to(self.ctx.device, self.ctx.dtype)
-        keys = [self._digest(r) for r in rows]
+        keys = [tensors_digest({"row": r}) for r in rows]
         for k, r in zip(keys, rows, strict=True):
             self.rows[k], self.decks[k] = r, []
         latents = tensors[f"{prefix}latents"].to(self.ctx.device, self.ctx.dtype)
