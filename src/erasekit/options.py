@@ -122,6 +122,19 @@ def sub_config_class(config_class: type, f: Field) -> type | None:
     return tp if isinstance(tp, type) and is_dataclass(tp) else None
 
 
+def compose(config: Any, owner: str) -> None:
+    """In a config's ``__post_init__``: each composed field given as a dict (a saved record, a TOML
+    table) becomes its config; anything else that is not that config is a ``ValueError``."""
+    for f in fields(config):
+        sub = sub_config_class(type(config), f)
+        value = getattr(config, f.name)
+        if sub is None or isinstance(value, sub):
+            continue
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{owner} `{f.name}` must be a {sub.__name__} (or its options as a dict), got {value!r}.")
+        setattr(config, f.name, sub(**value))
+
+
 def iter_options(config_class: type, default: Any = None, prefix: str = "") -> Iterator[tuple[str, Field, Any, type]]:
     """``(name, field, default, owner class)`` of every option of ``config_class``; a composed config's
     options come under its field's name (``uce.lamb``), with the defaults the outer field gives them."""

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from erasekit.analysis import plots, report_sections
 from erasekit.eval.generate import SamplingConfig, generate_images
 from erasekit.io import atomic_path, write_json_atomic, write_text_atomic
+from erasekit.options import compose
 from erasekit.pipeline import base_info
 
 ImageSource = Callable[[list[str], list[int]], np.ndarray]
@@ -69,10 +70,7 @@ class SpectrumConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.sampling, dict):  # from a saved result (asdict) or a JSON/TOML file
-            self.sampling = SamplingConfig(**self.sampling)
-        if not isinstance(self.sampling, SamplingConfig):
-            raise ValueError(f"`sampling` must be a SamplingConfig (or its fields as a dict), got {self.sampling!r}.")
+        compose(self, "Spectrum")  # `sampling` from a saved result's dict
         if self.n_seeds < 1:
             raise ValueError(f"`n_seeds` must be >= 1, got {self.n_seeds}.")
         for name in ("prompt_template", "score_template"):

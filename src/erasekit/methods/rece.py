@@ -94,7 +94,7 @@ from erasekit.methods.uce import (
     uce_embeddings,
     uce_prompts,
 )
-from erasekit.options import config_from_record
+from erasekit.options import compose, config_from_record
 from erasekit.pipeline import base_info, cross_attention_modules
 
 DERIVED_KEY = "rece.derived"
@@ -180,10 +180,7 @@ class RECEConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.uce, dict):  # a saved config (asdict) or a spec's nested table
-            self.uce = UCEConfig(**self.uce)
-        if not isinstance(self.uce, UCEConfig):
-            raise ValueError(f"RECE `uce` must be a UCEConfig (or its options as a dict), got {self.uce!r}.")
+        compose(self, "RECE")  # `uce` from a saved config's dict or a spec's nested table
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs <= 0:
             raise ValueError(
                 f"RECE `epochs` must be an integer >= 1, got {self.epochs!r}; for the UCE step alone use method='uce'."
