@@ -7,7 +7,6 @@ from typer.testing import CliRunner
 
 import erasekit
 from erasekit.cli import app
-from erasekit.options import flat_options
 from erasekit.methods.base import (
     AUTHORS,
     PAPER,
@@ -19,6 +18,7 @@ from erasekit.methods.base import (
     preset_diff,
     resolve_preset,
 )
+from erasekit.options import flat_options
 
 
 def test_every_method_has_paper_and_authors_presets():
@@ -78,7 +78,9 @@ def test_an_option_that_is_not_read_is_an_error():
     f = {f.name: f for f in fields(cfg)}
     assert not is_read(cfg, f["radius"]) and not is_read(cfg, f["topk"])
     check_options_read(cfg, {"search", "relax"}, method="m", preset="p")  # defaults not named: fine
-    with pytest.raises(ValueError, match=r"Option `radius` of method 'm' is not read with search='gumbel'.*search='pgd'"):
+    with pytest.raises(
+        ValueError, match=r"Option `radius` of method 'm' is not read with search='gumbel'.*search='pgd'"
+    ):
         check_options_read(cfg, {"radius"}, method="m", preset="p")
     pgd = _Cfg(search="pgd", relax="topk")
     check_options_read(pgd, {"radius", "topk"}, method="m", preset="p")

@@ -250,7 +250,7 @@ def test_cli_status_table_plot(reference, tmp_path):
 ONE = (
     TINY.replace("seeds = [0, 1]", "seeds = [0]")
     .replace("max_steps = 2", "max_steps = 3")
-    .split("[[methods]]\nlabel = \"ESD-u\"")[0]
+    .split('[[methods]]\nlabel = "ESD-u"')[0]
     + '[[concepts]]\nlabel = "tri"\nerase = ["triangle"]\n'
 )
 FAKE_ESR = {1: 0.5, 2: 0.2, 3: 0.3}  # by the edit's step: the best check (step 1) is not the last (step 3)
