@@ -57,7 +57,9 @@ from erasekit.study.spec import load_spec
 from erasekit.world.shapes import ARTISTS, BACKGROUNDS, COLOURS, OBJECTS, STYLE_NAMES, STYLES, UNSAFE, UNSAFE_PHRASINGS
 
 # the 4 splits of the Table 1 study (bench/studies/table1.toml, which replaced bench/table1.py)
-SPLITS = [list(c.erase) for c in load_spec(Path(__file__).parent / "studies" / "table1.toml", check_model=False).concepts]
+SPLITS = [
+    list(c.erase) for c in load_spec(Path(__file__).parent / "studies" / "table1.toml", check_model=False).concepts
+]
 
 ROWS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "original": (None, {}),

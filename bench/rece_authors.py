@@ -60,7 +60,13 @@ def make_edit(pipe, model: str, erase: list[str], epochs: int, lamb_derive: floa
     request = EraseRequest(erase)
     if model == "ours":
         return erasekit.erase(
-            pipe, request, method="rece", preset="authors-object", epochs=epochs, lamb_derive=lamb_derive, progress=False
+            pipe,
+            request,
+            method="rece",
+            preset="authors-object",
+            epochs=epochs,
+            lamb_derive=lamb_derive,
+            progress=False,
         )
     dtype = torch.float64 if model == "reference64" else torch.float32
     tensors = run_reference(pipe, erase, epochs=epochs, regular_scale=lamb_derive, dtype=dtype)[-1]
@@ -85,11 +91,16 @@ def validation_esr(pipe, erase: list[str], n_per_class: int, seed: int, detector
 
 def weight_gap(a: Edit, b: Edit) -> float:
     """Largest relative Frobenius difference between the two edits' matrices."""
-    return max(float((a.tensors[k].double() - b.tensors[k].double()).norm() / b.tensors[k].double().norm()) for k in b.tensors)
+    return max(
+        float((a.tensors[k].double() - b.tensors[k].double()).norm() / b.tensors[k].double().norm()) for k in b.tensors
+    )
 
 
 def summarise(cells: dict[str, Any], splits: list[int]) -> str:
-    lines = ["| model | " + " | ".join(m.upper().replace("_", "-") for m in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    lines = [
+        "| model | " + " | ".join(m.upper().replace("_", "-") for m in METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
+    ]
     for model in MODELS:
         vals = [[cells[f"{model}|{s}"][m] for s in splits if f"{model}|{s}" in cells] for m in METRICS]
         if vals[0]:
@@ -123,7 +134,13 @@ def epoch_gaps(pipe, erase: list[str], epochs: int, lamb_derive: float) -> dict[
     from erasekit.methods.rece import rece_checkpoint
 
     ours = erasekit.erase(
-        pipe, EraseRequest(erase), method="rece", preset="authors-object", epochs=epochs, lamb_derive=lamb_derive, progress=False
+        pipe,
+        EraseRequest(erase),
+        method="rece",
+        preset="authors-object",
+        epochs=epochs,
+        lamb_derive=lamb_derive,
+        progress=False,
     )
     out: dict[str, list[float]] = {}
     for name, dtype in (("reference64", torch.float64), ("reference", torch.float32)):
@@ -188,7 +205,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"`--models` must name models of {MODELS}, got {args.models!r}.")
     pipe = erasekit.load_pipeline("shapes")
     if args.gaps:
-        gaps = {"settings": settings, "gaps": {s: epoch_gaps(pipe, SPLITS[s], args.epochs, args.lamb_derive) for s in splits}}
+        gaps = {
+            "settings": settings,
+            "gaps": {s: epoch_gaps(pipe, SPLITS[s], args.epochs, args.lamb_derive) for s in splits},
+        }
         write_json_atomic(out / "gaps.json", gaps)
         return gaps
     results["settings"]["base"] = base_info(pipe)["fingerprint"]

@@ -26,7 +26,9 @@ import torch
 
 def _encode(pipe, text: str) -> tuple[torch.Tensor, int]:
     """The text encoder's (77, D) output for ``text`` and the index of its last word token."""
-    tok = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    tok = pipe.tokenizer(
+        text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         emb = pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0][0]
     return emb, int(tok.attention_mask[0].sum()) - 2

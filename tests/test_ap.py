@@ -439,8 +439,9 @@ def test_ap_step_with_the_pool_predictions_equals_its_own_frozen_call(tiny_pipe,
     outs, state = [], {k: v.clone() for k, v in loss_fn.state_tensors().items()}
     for frozen_eps in (None, eps):
         loss_fn.load_state_tensors({k: v.clone() for k, v in state.items()})  # the search's logits learn
-        batch = StepBatch(step=3, concepts=["square"], z_t=z, t=t, cond_e=c_e, generator=step_generator(0, 3),
-                          frozen_eps=frozen_eps)
+        batch = StepBatch(
+            step=3, concepts=["square"], z_t=z, t=t, cond_e=c_e, generator=step_generator(0, 3), frozen_eps=frozen_eps
+        )
         outs.append(loss_fn.step(ctx, batch))
     torch.testing.assert_close(outs[1].loss.detach(), outs[0].loss.detach(), rtol=1e-5, atol=1e-9)
     assert outs[0].record == outs[1].record  # the same search, the same chosen concept

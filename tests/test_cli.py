@@ -14,7 +14,19 @@ def _run(*args):
 
 def test_erase_writes_a_complete_run(tiny_pipe_dir, tmp_path):
     out = tmp_path / "run"
-    r = _run("erase", "--model", tiny_pipe_dir, "--erase", "star", "--preserve", "heart,ring", "--set", "lamb=0.2", "--out", out)
+    r = _run(
+        "erase",
+        "--model",
+        tiny_pipe_dir,
+        "--erase",
+        "star",
+        "--preserve",
+        "heart,ring",
+        "--set",
+        "lamb=0.2",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "run.json").read_text())
     cfg = meta["identity"]
@@ -23,7 +35,21 @@ def test_erase_writes_a_complete_run(tiny_pipe_dir, tmp_path):
     assert cfg["base"]["fingerprint"] and meta["erasekit"]
     assert (out / "edit" / "edit.safetensors").exists() and (out / "edit" / "edit.json").exists()
     # generation with the edit applied, resumable
-    g = _run("generate", "--model", tiny_pipe_dir, "--edit", out, "--prompt", "a star", "--seeds", "0:2", "--steps", "2", "--out", out / "gen")
+    g = _run(
+        "generate",
+        "--model",
+        tiny_pipe_dir,
+        "--edit",
+        out,
+        "--prompt",
+        "a star",
+        "--seeds",
+        "0:2",
+        "--steps",
+        "2",
+        "--out",
+        out / "gen",
+    )
     assert g.exit_code == 0, g.output
     assert len((out / "gen" / "index.jsonl").read_text().splitlines()) == 2
 

@@ -117,7 +117,9 @@ def test_recover_then_generate_with_the_key(tiny_pipe_dir, hidden, tmp_path):
     assert len(_index(gen)) == 4 and len(list((gen / "images").glob("*.png"))) == 4
     launch = _json(gen / "launch.json")
     assert launch["recovery_key"]["concepts"] == ["star"] and launch["edit"] == str(run) and launch["images"] == 4
-    assert _json(gen / "generation.json")["identity"]["conditioning"]["recovery_key"]["edit_digest"] == meta["edit_digest"]
+    assert (
+        _json(gen / "generation.json")["identity"]["conditioning"]["recovery_key"]["edit_digest"] == meta["edit_digest"]
+    )
     # the same directory without the key is another conditioning: refused, not mixed
     _fails("other weights or sampler", "generate", "--model", tiny_pipe_dir, "--edit", run, "--prompt", "a star",
            "--seeds", "0:2", "--steps", "1", "--out", gen, "--device", "cpu")  # fmt: skip

@@ -9,7 +9,9 @@ CFG = SamplingConfig(steps=2, guidance_scale=4.0, batch_size=2)
 
 def test_image_depends_only_on_prompt_and_seed(tiny_pipe):
     a = generate_images(tiny_pipe, ["a red star", "a blue ring", "a cat"], [0, 1, 2], CFG)
-    b = generate_images(tiny_pipe, ["a cat", "a red star"], [2, 0], SamplingConfig(steps=2, guidance_scale=4.0, batch_size=1))
+    b = generate_images(
+        tiny_pipe, ["a cat", "a red star"], [2, 0], SamplingConfig(steps=2, guidance_scale=4.0, batch_size=1)
+    )
     assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
     assert np.abs(a[2].astype(int) - b[0]).max() <= 1  # batching may move a value by one level at most
     assert np.abs(a[0].astype(int) - b[1]).max() <= 1

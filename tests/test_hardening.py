@@ -248,7 +248,13 @@ def test_seeds_ranges_are_checked():
     from erasekit.eval.generate import parse_seeds
 
     assert parse_seeds("0:3") == [0, 1, 2] and parse_seeds("1,5") == [1, 5]
-    for bad, msg in [("5:2", "empty range"), ("-1", ">= 0"), ("1,1", "repeats"), ("a:b", "must look like"), (",", "no seed")]:
+    for bad, msg in [
+        ("5:2", "empty range"),
+        ("-1", ">= 0"),
+        ("1,1", "repeats"),
+        ("a:b", "must look like"),
+        (",", "no seed"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             parse_seeds(bad)
 
@@ -288,7 +294,17 @@ def test_hide_refuses_a_used_key_dir_and_one_inside_the_run(tmp_path):
     for key_dir, msg in [(used, "not empty"), (tmp_path / "run" / "key", "inside the run directory")]:
         res = runner.invoke(
             app,
-            ["erase", "--method", "hide", "--erase", "triangle", "--set", f"key_dir={key_dir}", "--out", str(tmp_path / "run")],
+            [
+                "erase",
+                "--method",
+                "hide",
+                "--erase",
+                "triangle",
+                "--set",
+                f"key_dir={key_dir}",
+                "--out",
+                str(tmp_path / "run"),
+            ],
         )
         assert res.exit_code == 2 and msg in res.output, res.output
         assert not (tmp_path / "run").exists()
@@ -403,4 +419,3 @@ def test_a_resume_with_another_thread_count_is_recorded_and_warned(tmp_pipe_item
             generate(pipe, items, out, SamplingConfig(steps=2, batch_size=1), progress=False)
     finally:
         torch.set_num_threads(before)
-

@@ -32,6 +32,8 @@ def test_authors_object_preset_equals_the_official_loop(tiny_pipe):
 
 def test_the_paper_preset_differs_from_the_official_loop(tiny_pipe):
     """The comparison above can fail: the paper preset (lambda 0.1 UCE step, no '') is not the official loop."""
-    edit = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), method="rece", preset="paper", epochs=1, progress=False)
+    edit = erasekit.erase(
+        tiny_pipe, EraseRequest(["triangle"]), method="rece", preset="paper", epochs=1, progress=False
+    )
     ref = run_reference(tiny_pipe, ["triangle"], epochs=1, regular_scale=0.1, dtype=torch.float64)[1]
     assert max(float((edit.tensors[k].double() - w).abs().max()) for k, w in ref.items()) > 1e-3

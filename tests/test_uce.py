@@ -60,7 +60,9 @@ def test_uce_maps_erased_keys_towards_target(tiny_pipe):
 
     c_in, c_t = aligned_token_embeddings(tiny_pipe, ["triangle"], [""])
     # the paper's objective with nothing preserved (the authors preset also keeps "", which pulls back)
-    edit = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), method="uce", preset="paper", lamb=0.01, progress=False)
+    edit = erasekit.erase(
+        tiny_pipe, EraseRequest(["triangle"]), method="uce", preset="paper", lamb=0.01, progress=False
+    )
     name = next(k for k in edit.tensors if k.endswith("to_k.weight"))
     w_old = erasekit.edit.get_parameter(tiny_pipe, name).detach()
     w_new = edit.tensors[name]
@@ -143,8 +145,13 @@ def test_authors_preset_equals_the_official_edit_model(tiny_pipe):
     for proj in ("to_k", "to_v"):
         name = f"unet.{mod}.{proj}.weight"
         ref = _official_uce_layer(
-            tiny_pipe, get_parameter(tiny_pipe, name).detach(), [("triangle", ""), ("star", "")], ["", "square"],
-            lamb=0.5, erase_scale=1.0, preserve_scale=0.5,
+            tiny_pipe,
+            get_parameter(tiny_pipe, name).detach(),
+            [("triangle", ""), ("star", "")],
+            ["", "square"],
+            lamb=0.5,
+            erase_scale=1.0,
+            preserve_scale=0.5,
         )
         torch.testing.assert_close(edit.tensors[name].double(), ref, rtol=1e-6, atol=1e-6)
 
@@ -167,7 +174,9 @@ def test_empty_prompt_can_be_preserved_by_request_or_option(tiny_pipe):
         "square",
         "a square",
     ]
-    by_request = erasekit.erase(tiny_pipe, EraseRequest(["triangle"], preserve=[""]), method="uce", preserve_empty=False)
+    by_request = erasekit.erase(
+        tiny_pipe, EraseRequest(["triangle"], preserve=[""]), method="uce", preserve_empty=False
+    )
     by_option = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), method="uce")
     paper = erasekit.erase(tiny_pipe, EraseRequest(["triangle"]), method="uce", preset="paper")
     for k in by_option.tensors:
