@@ -20,11 +20,31 @@ TOKENIZER_DIR = Path(__file__).parent / "world" / "assets" / "clip-tokenizer"
 
 def tiny_pipeline(seed: int = 0, *, image_size: int = 32, cross_dim: int = 32):
     """A random-weight ``StableDiffusionPipeline`` (UNet 2 levels, 32-wide CLIP, VAE x2, DDIM)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = _tiny_sd_unet(image_size, cross_dim=cross_dim, attention_head_dim=2)
+    return _sd_pipeline(unet, _tiny_vae(image_size), _clip_config(cross_dim), _ddim("epsilon"))
+
+
+def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
+    """Write :func:`tiny_pipeline` as a diffusers folder (what ``load_pipeline(path)`` reads)."""
+    pipe = tiny_pipeline(seed)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)
+
+
+def tiny_sd2_pipeline(seed: int = 0, *, prediction_type: str = "v_prediction", image_size: int = 32):
+    """A random SD 2.x-shaped ``StableDiffusionPipeline``: GELU text encoder (OpenCLIP's activation),
+    linear-projection transformers, per-level head dims, and a DDIM scheduler with ``prediction_type``."""
+    torch.manual_seed(seed)
+    unet = _tiny_sd_unet(image_size, cross_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+    return _sd_pipeline(unet, _tiny_vae(image_size), _clip_config(32, act="gelu"), _ddim(prediction_type))
+
+
+def _tiny_sd_unet(image_size: int, *, cross_dim: int, **extra):
+    """The SD 1.x/2.x-shaped UNet of the tiny pipelines (2 cross-attention levels)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
         sample_size=image_size // 2,
         in_channels=4,
         out_channels=4,
@@ -33,34 +53,16 @@ def tiny_pipeline(seed: int = 0, *, image_size: int = 32, cross_dim: int = 32):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_dim,
-        attention_head_dim=2,
         norm_num_groups=8,
+        **extra,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=image_size,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=cross_dim,
-            intermediate_size=2 * cross_dim,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    sched = DDIMScheduler(
+
+
+def _ddim(prediction_type: str):
+    """SD's DDIM scheduler (scaled-linear betas 0.00085..0.012, steps offset 1)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -68,26 +70,28 @@ def tiny_pipeline(seed: int = 0, *, image_size: int = 32, cross_dim: int = 32):
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
+
+
+def _sd_pipeline(unet, vae, text_config, scheduler):
+    """A ``StableDiffusionPipeline`` of the given parts, the text encoder built (after the VAE) from
+    ``text_config``, with the bundled CLIP tokenizer and no safety checker."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
     pipe = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=text,
+        text_encoder=CLIPTextModel(text_config),
         tokenizer=load_clip_tokenizer(TOKENIZER_DIR),
         unet=unet,
-        scheduler=sched,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
-    """Write :func:`tiny_pipeline` as a diffusers folder (what ``load_pipeline(path)`` reads)."""
-    pipe = tiny_pipeline(seed)
-    pipe.save_pretrained(directory, safe_serialization=True)
-    return Path(directory)
 
 
 def _clip_config(hidden: int, *, act: str = "quick_gelu"):
@@ -123,50 +127,6 @@ def _tiny_vae(image_size: int, **extra):
         sample_size=image_size,
         **extra,
     )
-
-
-def tiny_sd2_pipeline(seed: int = 0, *, prediction_type: str = "v_prediction", image_size: int = 32):
-    """A random SD 2.x-shaped ``StableDiffusionPipeline``: GELU text encoder (OpenCLIP's activation),
-    linear-projection transformers, per-level head dims, and a DDIM scheduler with ``prediction_type``."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        norm_num_groups=8,
-    )
-    sched = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(image_size),
-        text_encoder=CLIPTextModel(_clip_config(32, act="gelu")),
-        tokenizer=load_clip_tokenizer(TOKENIZER_DIR),
-        unet=unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def tiny_sdxl_pipeline(seed: int = 0, *, image_size: int = 32):
