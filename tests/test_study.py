@@ -114,6 +114,28 @@ def test_run_twice_gives_identical_tables(reference, tmp_path):
     assert 1 <= len(curve) <= 2
 
 
+def test_table_means_weigh_each_concept_set_once_and_show_the_seeds(reference):
+    """The main table's cell is the two-level mean (sets, then seeds); each set with several training
+    seeds gets its own table of the seed spread."""
+    from erasekit.study.stats import mean_interval
+    from erasekit.study.tables import _pct, tidy
+
+    spec = load_spec(reference.parent / "tiny.toml")
+    rows = [r for r in tidy(spec, reference) if r["method"] == "ESD-x" and r["metric"] == "psr_1"]
+    assert len(rows) == 4 and len({r["seed"] for r in rows}) == 2
+    table = (reference / "table.md").read_text()
+    main = next(line for line in table.splitlines() if line.startswith("| ESD-x |"))
+    by_hand = sum(sum(r["rate"] for r in rows if r["concept"] == c) / 2 for c in ("tri", "sq")) / 2
+    assert mean_interval(rows, by="concept")["mean"] == pytest.approx(by_hand)
+    assert main.split(" | ")[3] == _pct(mean_interval(rows, by="concept"))
+    for concept in ("tri", "sq"):
+        assert f"### Training seeds on {concept}:" in table
+        seeds = table.split(f"### Training seeds on {concept}:")[1]
+        line = next(x for x in seeds.splitlines() if x.startswith("| ESD-x |"))
+        assert line.split(" | ")[3] == _pct(mean_interval([r for r in rows if r["concept"] == concept]))
+        assert line.endswith("| 0, 1 |")
+
+
 class _Interrupt(BaseException):
     """Stands for a kill: not an Exception, so no cell catches it."""
 

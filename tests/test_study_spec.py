@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from erasekit.study import SpecError, load_spec
-from erasekit.study.stats import bootstrap_mean, mean_interval, wilson
+from erasekit.study.stats import bootstrap_mean, mean_interval, nested_bootstrap_mean, wilson
 
 GOOD = """\
 [study]
@@ -198,6 +198,28 @@ def test_bootstrap_mean_interval():
     assert one["interval"] == "wilson" and one["ci95"] == list(wilson(8, 10))
     two = mean_interval([{"rate": 0.5, "successes": 1, "n": 2}, {"rate": 1.0, "successes": 2, "n": 2}])
     assert two["interval"] == "bootstrap" and two["mean"] == 0.75
+
+
+def test_mean_over_concept_sets_weighs_each_set_once():
+    """Split 0 with 3 seeds and split 1 with 1: the mean is over sets of seed means, not over cells."""
+    cells_ = [{"concept": "s0", "rate": r, "successes": 0, "n": 1} for r in (0.0, 0.1, 0.2)]
+    cells_.append({"concept": "s1", "rate": 1.0, "successes": 1, "n": 1})
+    flat = mean_interval(cells_)
+    nested = mean_interval(cells_, by="concept")
+    assert flat["mean"] == pytest.approx(0.325) and nested["mean"] == pytest.approx(0.55)
+    assert nested["interval"] == "bootstrap-nested" and nested["groups"] == 2 and nested["cells"] == 4
+    # hand check of the two-level bootstrap: draw the sets, then each drawn set's seeds
+    groups = [np.array([0.0, 0.1, 0.2]), np.array([1.0])]
+    rng = np.random.default_rng(0)
+    drawn = rng.integers(0, 2, size=(2000, 2))
+    means = [
+        np.mean([groups[i][rng.integers(0, groups[i].size, size=groups[i].size)].mean() for i in row]) for row in drawn
+    ]
+    assert nested["ci95"] == list(np.quantile(means, [0.025, 0.975]))
+    assert nested_bootstrap_mean([[0.0, 0.1, 0.2], [1.0]]) == tuple(nested["ci95"])
+    # one set: the plain summary over its cells (bootstrap over seeds; Wilson for a single cell)
+    assert mean_interval(cells_[:3], by="concept") == mean_interval(cells_[:3])
+    assert mean_interval(cells_[3:], by="concept")["interval"] == "wilson"
 
 
 def test_documented_study_commands_and_flags_exist():

@@ -1,6 +1,6 @@
 """A study's outputs: one tidy table (one row per cell x metric, with the cell's settings) as CSV and
 JSON, and markdown tables in the papers' layout (AP paper Table 1: ESR/PSR per method, mean and 95%
-interval over splits and seeds; RECE paper Table 4: ASR per method and attack).
+interval over splits, then seeds; RECE paper Table 4: ASR per method and attack).
 
 Timings are kept out of the tidy table (a study run twice gives byte-identical tables); they go to
 ``timing.md``.
@@ -149,8 +149,9 @@ def markdown(spec: StudySpec, study_dir: Path) -> str:
             f"## {ev.protocol}: test images {ev.n_per_class} per object (seeds {ev.test_seed}..), "
             f"selection {ev.selection_n_per_class} per object (seeds {ev.selection_seed}..)",
             "",
-            "Mean over cells (concept sets x seeds) in %, with a 95% interval: Wilson for one cell, bootstrap "
-            "over cells otherwise.",
+            "Mean over concept sets (each set's value the mean over its training seeds) in %, with a 95% interval: "
+            "Wilson for one cell, a bootstrap over cells for one set, a two-level bootstrap (sets, then seeds "
+            "within a set) otherwise.",
             "",
             "| Method | " + " | ".join(LABEL[m] for m in present) + " | reached | operating point | cells |",
             "|---|" + "---|" * len(present) + "---|---|---|",
@@ -160,7 +161,7 @@ def markdown(spec: StudySpec, study_dir: Path) -> str:
             mres = [r for r in res if r["method"] == m]
             if not mres:
                 continue
-            cells_ = [_pct(mean_interval(grouped.get((m, k), []))) for k in present]
+            cells_ = [_pct(mean_interval(grouped.get((m, k), []), by="concept")) for k in present]
             ops = [r["operating_point"] for r in mres]
             reached = [o.get("reached") for o in ops if o.get("reached") is not None]
             reach = f"{sum(reached)}/{len(reached)}" if reached else "-"
@@ -175,6 +176,7 @@ def markdown(spec: StudySpec, study_dir: Path) -> str:
                     f"- {r['cell']}: best selection {LABEL.get(o['metric'], o['metric'])} "
                     f"{100 * o['selection'][o['metric']]:.1f}% at {_where([o])} after {o['checks']} checks"
                 )
+        lines += _seed_tables(rows, methods, present)
         lines.append("")
     if spec.attacks is not None:
         at = spec.attacks
@@ -203,6 +205,36 @@ def markdown(spec: StudySpec, study_dir: Path) -> str:
     if failed:
         lines += ["## Failed cells (retried on the next run)", ""] + [f"- {k}: {e}" for k, e in failed] + [""]
     return "\n".join(lines)
+
+
+def _seed_tables(rows: list[dict[str, Any]], methods: list[str], present: list[str]) -> list[str]:
+    """One table per concept set trained with several seeds: each method's mean over that set's seeds
+    (the training-seed spread; a deterministic method has one cell there)."""
+    lines: list[str] = []
+    seeds_of = _by(rows, "concept")
+    for (concept,), crows in seeds_of.items():
+        if len({r["seed"] for r in crows}) < 2:
+            continue
+        lines += [
+            "",
+            f"### Training seeds on {concept}: mean over seeds in %, 95% interval (bootstrap over seeds; Wilson "
+            "for a method with one cell)",
+            "",
+            "| Method | " + " | ".join(LABEL[m] for m in present) + " | seeds |",
+            "|---|" + "---|" * len(present) + "---|",
+        ]
+        grouped = _by([r for r in crows if r["metric"] in present], "method", "metric")
+        for m in methods:
+            mrows = [r for r in crows if r["method"] == m]
+            if not mrows:
+                continue
+            seeds = sorted({r["seed"] for r in mrows})
+            lines.append(
+                f"| {m} | "
+                + " | ".join(_pct(mean_interval(grouped.get((m, k), []))) for k in present)
+                + f" | {', '.join(str(x) for x in seeds)} |"
+            )
+    return lines
 
 
 def _where(ops: list[dict[str, Any]]) -> str:
