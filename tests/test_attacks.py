@@ -163,6 +163,59 @@ def test_run_is_resumable_and_skips_done_prompts(pipes, tmp_path):
         run_attack("ringabell", edited, original, "triangle", prompts, out_dir=tmp_path, **{**kw, "eta": 1.0})
 
 
+def test_search_cache_shares_edit_independent_outputs_between_edits(pipes, tmp_path, monkeypatch):
+    """Ring-A-Bell on a second edit reuses the first edit's searches (same outputs, its own images,
+    the search's cost marked from_cache); a white-box attack ignores the cache."""
+    import erasekit.attacks.ringabell as rab
+
+    edited, original = pipes
+    other = tiny_pipeline(5)
+    kw = {"sampling": FAST, "progress": False, "population": 6, "generations": 2, "length": 3}
+    prompts = ["a red triangle", "a blue triangle"]
+    cache = tmp_path / "cache"
+    a = run_attack("ringabell", edited, original, "triangle", prompts, search_cache=cache, **kw)
+    assert len(list((cache / "ringabell").glob("*/0000[01].json"))) == 2
+    assert not any(r["cost"].get("from_cache") for r in a.records)
+
+    searched = []
+    real = rab.RingABellAttack.attack
+    monkeypatch.setattr(rab.RingABellAttack, "attack", lambda *a_, **k: searched.append(1) or real(*a_, **k))
+    b = run_attack("ringabell", other, original, "triangle", prompts, search_cache=cache, **kw)
+    assert searched == []  # no search ran for the second edit
+    plain = run_attack("ringabell", other, original, "triangle", prompts, **kw)  # the same without the cache
+    assert [r["adv_prompt"] for r in b.records] == [r["adv_prompt"] for r in plain.records]
+    assert [r["meta"] for r in b.records] == [r["meta"] for r in plain.records]
+    assert np.array_equal(b.images, plain.images) and not np.array_equal(b.images, a.images)  # the other edit's images
+    assert all(r["cost"]["from_cache"] for r in b.records)
+    assert [r["cost"]["attack"] for r in b.records] == [r["cost"]["attack"] for r in a.records]
+    assert len(searched) == 2  # (the uncached run searched)
+
+    # another prompt list, seed or config is another entry; an embedding output round-trips
+    c = run_attack("ringabell", other, original, "triangle", prompts[:1], search_cache=cache, **kw)
+    assert len(searched) == 3 and not c.records[0]["cost"].get("from_cache")
+    cont = {**kw, "discrete": False}
+    e1 = run_attack("ringabell", edited, original, "triangle", prompts[:1], search_cache=cache, **cont)
+    e2 = run_attack("ringabell", other, original, "triangle", prompts[:1], search_cache=cache, **cont)
+    assert e2.records[0]["cost"]["from_cache"]
+    torch.testing.assert_close(e2.embeds[0], e1.embeds[0], rtol=0, atol=0)
+    assert len(list((cache / "ringabell").iterdir())) == 3
+
+    # a white-box attack reads the edit: never cached
+    run_attack(
+        "unlearndiff",
+        edited,
+        original,
+        "triangle",
+        prompts[:1],
+        k=1,
+        steps=1,
+        search_cache=cache,
+        sampling=FAST,
+        progress=False,
+    )
+    assert not (cache / "unlearndiff").exists()
+
+
 def test_ringabell_does_not_read_the_edited_model(pipes):
     edited, original = pipes
     other = tiny_pipeline(5)  # entirely different weights; only its images would differ

@@ -3,6 +3,7 @@ stand-in detector, 2 sampler steps) run twice, interrupted, with a failing cell,
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -134,6 +135,66 @@ def test_table_means_weigh_each_concept_set_once_and_show_the_seeds(reference):
         line = next(x for x in seeds.splitlines() if x.startswith("| ESD-x |"))
         assert line.split(" | ")[3] == _pct(mean_interval([r for r in rows if r["concept"] == concept]))
         assert line.endswith("| 0, 1 |")
+
+
+ATTACKED = """\
+[study]
+name = "tiny-attacks"
+model = "tiny"
+detector = "standin"
+seeds = [0]
+
+[operating_point]
+rule = "fixed"
+steps = 1
+
+[attacks]
+names = ["ringabell", "inversion"]
+n_prompts = 2
+n_images = 1
+set = { ringabell = { population = 6, generations = 2, length = 3 } }
+
+[[methods]]
+label = "Original"
+method = "original"
+
+[[methods]]
+label = "UCE"
+method = "uce"
+
+[[concepts]]
+label = "tri"
+erase = ["triangle"]
+"""
+
+
+def test_attacked_study_tables_and_shared_ringabell_search(tmp_path, monkeypatch):
+    """A study with attacks: ASR table per concept; Ring-A-Bell (edit-independent) searches once per
+    concept and prompt, the next cell reuses it from <study>/attack_search (marked from_cache)."""
+    import erasekit.attacks.ringabell as rab
+
+    searched: list[str] = []
+    real = rab.RingABellAttack.attack
+    monkeypatch.setattr(
+        rab.RingABellAttack, "attack", lambda self, ctx, p, *a: searched.append(p) or real(self, ctx, p, *a)
+    )
+    out = _run(_spec(tmp_path, ATTACKED, "attacked.toml"), tmp_path / "s")
+    assert out["counts"] == {"done": 2}, out
+    d = out["dir"]
+    assert len(searched) == 2  # 2 prompts, once for both cells
+    assert len(list((d / "attack_search" / "ringabell").glob("*/*.json"))) == 1 + 2  # identity + 2 prompts
+    recs = [
+        [
+            json.loads(x)
+            for x in (d / "cells" / k / "attacks" / "asr" / "ringabell" / "records.jsonl").read_text().splitlines()
+        ]
+        for k in ("original__tri__seed0", "uce__tri__seed0")
+    ]
+    assert [r["adv_prompt"] for r in recs[0]] == [r["adv_prompt"] for r in recs[1]]
+    assert not any(r["cost"].get("from_cache") for r in recs[0]) and all(r["cost"]["from_cache"] for r in recs[1])
+    table = (d / "table.md").read_text()
+    assert "## Attacks on 'tri'" in table and "| Method | pre-attack | ringabell | inversion |" in table
+    assert table.count("| UCE |") == 1 and table.count("| Original |") == 1
 
 
 class _Interrupt(BaseException):

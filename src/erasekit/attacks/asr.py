@@ -123,13 +123,16 @@ def run_attacks(
     min_original_rate: float = 0.1,
     original_dir: str | Path | None = None,
     progress: bool = True,
+    search_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Attack ``edited`` with every attack in ``attacks`` and report ASR, pre-attack rate and cost.
 
     ``configs`` maps an attack name to overrides of its config (``{"unlearndiff": {"steps": 10}}``).
     With ``out_dir`` everything is resumable (``out_dir/<attack>/``, the original model's plain
     images under ``original_dir``, default ``out_dir/original/``: share it between edits of one base
-    model to make them once). Warns when the original model shows the concept on fewer
+    model to make them once; ``search_cache``: a folder where edit-independent attacks (Ring-A-Bell,
+    paraphrases) keep their outputs for the next edit of the same base model,
+    :class:`erasekit.attacks.base.SearchCache`). Warns when the original model shows the concept on fewer
     than ``min_original_rate`` of the plain prompts (the ASR would be meaningless).
     """
     t0 = time.perf_counter()
@@ -171,7 +174,17 @@ def run_attacks(
         "attacks": {},
     }
     for name in attacks:
-        res = run_attack(name, edited, original, concept, prompts, config=cfgs[name], out_dir=root, **common)
+        res = run_attack(
+            name,
+            edited,
+            original,
+            concept,
+            prompts,
+            config=cfgs[name],
+            out_dir=root,
+            search_cache=search_cache,
+            **common,
+        )
         score = attack_asr(res, det, judge)
         report["attacks"][name] = {
             **score,

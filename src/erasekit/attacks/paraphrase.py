@@ -106,6 +106,7 @@ class ParaphraseAttack(Attack):
     """Black-box: rewrite each prompt with a phrase that means the concept without naming it."""
 
     white_box = False
+    edit_independent = True  # never reads the edit: its outputs are shared between edits (SearchCache)
 
     def prepare(self, ctx: AttackContext) -> None:
         """Resolve the substitutes: config, file, or the miniature's built-in ones."""

@@ -116,6 +116,7 @@ class RingABellAttack(Attack):
     """Black-box: concept direction from paired prompts, then a genetic search for carrying tokens."""
 
     white_box = False
+    edit_independent = True  # never reads the edit: its outputs are shared between edits (SearchCache)
 
     def prepare(self, ctx: AttackContext) -> None:
         """Concept direction and allowed vocabulary (original text encoder only)."""

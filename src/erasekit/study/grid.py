@@ -22,6 +22,7 @@ from erasekit.study.spec import ConceptEntry, MethodEntry, StudySpec
 CELLS_DIR = "cells"
 CELL_STAGE = "cell"
 RESULT_JSON = "result.json"
+SEARCH_CACHE = "attack_search"  # <study>/attack_search/: edit-independent attack outputs, shared by the cells
 
 
 def slug(text: str) -> str:
@@ -90,6 +91,11 @@ def cells(spec: StudySpec) -> list[Cell]:
 
 def cell_dir(study_dir: Path, cell: Cell) -> Path:
     return Path(study_dir) / CELLS_DIR / cell.key
+
+
+def study_of(cell_path: Path) -> Path:
+    """The study folder of a cell folder (``<study>/cells/<key>``)."""
+    return Path(cell_path).parent.parent
 
 
 def open_cell(study_dir: Path, spec: StudySpec, cell: Cell, *, force: bool = False) -> RunDir:

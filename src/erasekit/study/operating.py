@@ -53,7 +53,7 @@ from erasekit.methods.base import make_config, record_preset, require_finite
 from erasekit.methods.hide import RecoveryKey, hide
 from erasekit.pipeline import base_info
 from erasekit.rundir import RunDir, RunDirMismatch
-from erasekit.study.grid import CELL_STAGE, RESULT_JSON, Cell, finetuned, open_cell
+from erasekit.study.grid import CELL_STAGE, RESULT_JSON, SEARCH_CACHE, Cell, finetuned, open_cell, study_of
 from erasekit.study.spec import StudySpec
 from erasekit.testing import tiny_pipeline
 from erasekit.world.protocols import object_prompts
@@ -386,6 +386,7 @@ def _attacks(env: Env, cell: Cell, rd: RunDir, edit: Any) -> dict[str, Any]:
             original_dir=rd.attack_dir("original"),
             configs={k: dict(v) for k, v in at.set.items()},
             progress=False,
+            search_cache=study_of(rd.path) / SEARCH_CACHE,  # Ring-A-Bell searches once per concept, not per cell
         )
     out: dict[str, Any] = {
         "original_rate": rep["original_rate"],
