@@ -195,6 +195,11 @@ def test_attacked_study_tables_and_shared_ringabell_search(tmp_path, monkeypatch
     table = (d / "table.md").read_text()
     assert "## Attacks on 'tri'" in table and "| Method | pre-attack | ringabell | inversion |" in table
     assert table.count("| UCE |") == 1 and table.count("| Original |") == 1
+    from erasekit.study.plots import colours, write_plots
+
+    plots = write_plots(load_spec(tmp_path / "attacked.toml"), d, tmp_path / "plots")
+    assert plots["asr"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(set(colours(12))) == 12 and len(set(colours(3))) == 3  # every method its own colour
 
 
 class _Interrupt(BaseException):

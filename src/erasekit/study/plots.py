@@ -2,14 +2,20 @@
 
 - ``esr_psr.png``: each method's ESR-PSR trade-off on the selection images (one point per check of
   the operating-point rule; a line per cell, one colour per method), the target as a dashed line.
-- ``asr.png``: ASR per attack, grouped bars per method, 95% interval whiskers (one panel per concept).
+- ``asr.png``: ASR per method and attack, one panel per concept: a row per method, a marker per
+  attack (and the pre-attack rate) with its 95% interval as a horizontal whisker, so that a dozen
+  methods x five attacks stay readable.
+
+Colours are distinct for every method (or attack) of a figure: the house palette for up to 8,
+matplotlib's ``tab20`` beyond.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from erasekit.analysis.plots import PALETTE, to_png
@@ -17,6 +23,15 @@ from erasekit.io import atomic_path
 from erasekit.study.spec import StudySpec
 from erasekit.study.stats import mean_interval
 from erasekit.study.tables import LABEL, curves, tidy
+
+
+def colours(n: int) -> list[str]:
+    """``n`` distinct colours: :data:`erasekit.analysis.plots.PALETTE` when it has enough, else ``tab20``'s
+    (a figure with more than 20 series repeats them)."""
+    if n <= len(PALETTE):
+        return list(PALETTE[:n])
+    tab = [to_hex(c) for c in colormaps["tab20"].colors]
+    return [tab[i % len(tab)] for i in range(n)]
 
 
 def esr_psr_curves(spec: StudySpec, study_dir: Path) -> bytes | None:
@@ -30,7 +45,7 @@ def esr_psr_curves(spec: StudySpec, study_dir: Path) -> bytes | None:
     x_key, y_key = f"esr_{k}", f"psr_{k}"
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.add_subplot()
-    colour = {m.label: PALETTE[i % len(PALETTE)] for i, m in enumerate(spec.methods)}
+    colour = dict(zip([m.label for m in spec.methods], colours(len(spec.methods)), strict=True))
     seen: set[str] = set()
     for recs in data.values():
         m = recs[0]["method"]
@@ -51,7 +66,8 @@ def esr_psr_curves(spec: StudySpec, study_dir: Path) -> bytes | None:
 
 
 def asr_bars(spec: StudySpec, study_dir: Path) -> bytes | None:
-    """ASR per attack and method (mean over seeds, 95% interval); ``None`` without attack results."""
+    """ASR per method and attack (mean over seeds, 95% interval): a row per method, a marker per attack;
+    ``None`` without attack results."""
     if spec.attacks is None:
         return None
     rows = tidy(spec, study_dir)
@@ -61,31 +77,38 @@ def asr_bars(spec: StudySpec, study_dir: Path) -> bytes | None:
     if not concepts:
         return None
     names = ["pre_attack", *[f"asr:{a}" for a in spec.attacks.names]]
+    colour = colours(len(names))
     methods = [m.label for m in spec.methods]
-    fig = Figure(figsize=(max(6.0, 1.2 * len(names) * len(concepts)), 4.2))
+    fig = Figure(figsize=(5.0 * len(concepts) + 1.6, 0.9 + 0.42 * len(methods)))
     for p, concept in enumerate(concepts):
         ax = fig.add_subplot(1, len(concepts), p + 1)
-        width = 0.8 / max(1, len(methods))
-        for i, m in enumerate(methods):
-            stats: list[dict[str, Any]] = [
-                mean_interval([r for r in rows if r["concept"] == concept and r["method"] == m and r["metric"] == n])
-                for n in names
-            ]
-            if not any(s["cells"] for s in stats):
-                continue
-            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(names))]
-            ys = [100 * s["mean"] if s["cells"] else 0.0 for s in stats]
-            err = [
-                [max(0.0, y - 100 * s["ci95"][0]) if s["cells"] else 0.0 for y, s in zip(ys, stats, strict=True)],
-                [max(0.0, 100 * s["ci95"][1] - y) if s["cells"] else 0.0 for y, s in zip(ys, stats, strict=True)],
-            ]
-            ax.bar(xs, ys, width, yerr=err, capsize=2, color=PALETTE[i % len(PALETTE)], label=m)
-        ax.set_xticks(range(len(names)), [n.replace("asr:", "") for n in names], rotation=30, fontsize=8)
-        ax.set_ylim(0, 105)
+        shown = [m for m in methods if any(r["concept"] == concept and r["method"] == m for r in rows)]
+        step = 0.7 / max(1, len(names))
+        for j, n in enumerate(names):
+            ys, xs, lo, hi = [], [], [], []
+            for i, m in enumerate(shown):
+                st = mean_interval(
+                    [r for r in rows if r["concept"] == concept and r["method"] == m and r["metric"] == n]
+                )
+                if not st["cells"]:
+                    continue
+                x = 100 * st["mean"]
+                ys.append(i + (j - (len(names) - 1) / 2) * step)
+                xs.append(x)
+                lo.append(max(0.0, x - 100 * st["ci95"][0]))
+                hi.append(max(0.0, 100 * st["ci95"][1] - x))
+            label = n.replace("asr:", "") if n != "pre_attack" else "no attack"
+            ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", ms=4, lw=1, capsize=1.5, color=colour[j], label=label)
+        ax.set_yticks(range(len(shown)), shown, fontsize=8)
+        ax.set_ylim(len(shown) - 0.5, -0.5)  # the spec's first method on top
+        ax.set_xlim(-2, 102)
+        ax.set_xlabel("ASR (%), 95% interval")
         ax.set_title(f"erasing {concept!r}")
-        ax.set_ylabel("ASR (%)")
-        ax.grid(axis="y", alpha=0.3)
-    fig.axes[0].legend(fontsize=7)
+        ax.grid(axis="x", alpha=0.3)
+        for i in range(1, len(shown)):
+            ax.axhline(i - 0.5, color="#dddddd", lw=0.6)
+    fig.axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="attack", title_fontsize=7)
+    fig.tight_layout()
     return to_png(fig)
 
 
