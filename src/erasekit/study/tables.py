@@ -286,7 +286,13 @@ def timing(spec: StudySpec, study_dir: Path) -> str:
     tot = sum(grand.values())
     lines.append("| all | " + str(len(res)) + " | " + " | ".join(f"{grand[k]:.0f}" for k in keys) + f" | {tot:.0f} |")
     if tot > 0:
-        lines += ["", "Share: " + ", ".join(f"{k} {100 * grand[k] / tot:.1f}%" for k in keys) + "."]
+        lines += [
+            "",
+            "Share: " + ", ".join(f"{k} {100 * grand[k] / tot:.1f}%" for k in keys) + ".",
+            "",
+            f"Cell time: {tot / 3600:.1f} h (the sum over cells, each timed on its own worker); a run with W "
+            "workers on W cores takes about that / W of wall time.",
+        ]
     return "\n".join(lines) + "\n"
 
 
