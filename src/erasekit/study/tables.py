@@ -161,7 +161,7 @@ def markdown(spec: StudySpec, study_dir: Path) -> str:
             mres = [r for r in res if r["method"] == m]
             if not mres:
                 continue
-            cells_ = [_pct(mean_interval(grouped.get((m, k), []), by="concept")) for k in present]
+            cells_ = _rates(grouped, m, present, by="concept")
             ops = [r["operating_point"] for r in mres]
             reached = [o.get("reached") for o in ops if o.get("reached") is not None]
             reach = f"{sum(reached)}/{len(reached)}" if reached else "-"
@@ -198,13 +198,21 @@ def markdown(spec: StudySpec, study_dir: Path) -> str:
             for m in methods:
                 if (m, "pre_attack") not in g:
                     continue
-                vals = [_pct(mean_interval(g.get((m, k), []))) for k in ("pre_attack", *[f"asr:{a}" for a in at.names])]
+                vals = _rates(g, m, ["pre_attack", *[f"asr:{a}" for a in at.names]])
                 lines.append(f"| {m} | " + " | ".join(vals) + " |")
             lines.append("")
     failed = _failed(spec, study_dir)
     if failed:
         lines += ["## Failed cells (retried on the next run)", ""] + [f"- {k}: {e}" for k, e in failed] + [""]
     return "\n".join(lines)
+
+
+def _rates(
+    grouped: dict[tuple, list[dict[str, Any]]], method: str, metrics: list[str], by: str | None = None
+) -> list[str]:
+    """The table cells of ``method``: each metric's mean and 95% interval over its rows in ``grouped``
+    (``_by(rows, "method", "metric")``), :func:`mean_interval` with ``by``."""
+    return [_pct(mean_interval(grouped.get((method, k), []), by=by)) for k in metrics]
 
 
 def _seed_tables(rows: list[dict[str, Any]], methods: list[str], present: list[str]) -> list[str]:
@@ -230,9 +238,7 @@ def _seed_tables(rows: list[dict[str, Any]], methods: list[str], present: list[s
                 continue
             seeds = sorted({r["seed"] for r in mrows})
             lines.append(
-                f"| {m} | "
-                + " | ".join(_pct(mean_interval(grouped.get((m, k), []))) for k in present)
-                + f" | {', '.join(str(x) for x in seeds)} |"
+                f"| {m} | " + " | ".join(_rates(grouped, m, present)) + f" | {', '.join(str(x) for x in seeds)} |"
             )
     return lines
 
