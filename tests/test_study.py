@@ -200,6 +200,33 @@ def test_attacked_study_tables_and_shared_ringabell_search(tmp_path, monkeypatch
     plots = write_plots(load_spec(tmp_path / "attacked.toml"), d, tmp_path / "plots")
     assert plots["asr"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(set(colours(12))) == 12 and len(set(colours(3))) == 3  # every method its own colour
+    assert "resumed after an interruption" not in (d / "timing.md").read_text()
+
+
+def test_cell_killed_mid_attack_resumes_and_timing_says_its_time_is_partial(tmp_path, monkeypatch):
+    """Killed while scoring UCE's second attack, the rerun resumes that cell's finished attack prompts
+    (2 attacks x 2 prompts), gives the uninterrupted run's table, and timing.md names the cell."""
+    import erasekit.attacks.asr as asr
+
+    spec = _spec(tmp_path, ATTACKED, "attacked.toml")
+    ref = _run(spec, tmp_path / "ref")["dir"]
+    real, scored = asr.attack_asr, []
+
+    def dying(result, *a):
+        scored.append(result.attack)
+        if scored.count("inversion") == 2:  # the UCE cell (the second), after both its attacks ran
+            raise _Interrupt
+        return real(result, *a)
+
+    monkeypatch.setattr(asr, "attack_asr", dying)
+    with pytest.raises(_Interrupt):
+        _run(spec, tmp_path / "killed")
+    monkeypatch.setattr(asr, "attack_asr", real)
+    d = _run(spec, tmp_path / "killed")["dir"]
+    assert (d / "table.md").read_text() == (ref / "table.md").read_text()
+    timing = (d / "timing.md").read_text()
+    assert "Attacks resumed after an interruption" in timing and "uce__tri__seed0 (4)" in timing, timing
+    assert "original__tri__seed0 (" not in timing
 
 
 class _Interrupt(BaseException):

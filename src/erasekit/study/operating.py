@@ -392,6 +392,8 @@ def _attacks(env: Env, cell: Cell, rd: RunDir, edit: Any) -> dict[str, Any]:
         "original_rate": rep["original_rate"],
         "pre_attack": rate_summary(rep["pre_attack_successes"]),
         "seconds": rep["seconds"],
+        # prompts whose attack an earlier, interrupted run of this cell did: its seconds miss their time
+        "resumed_prompts": sum(a["cost"]["resumed_prompts"] for a in rep["attacks"].values()),
     }
     for name in at.names:
         a = rep["attacks"][name]

@@ -299,6 +299,16 @@ def timing(spec: StudySpec, study_dir: Path) -> str:
             f"Cell time: {tot / 3600:.1f} h (the sum over cells, each timed on its own worker); a run with W "
             "workers on W cores takes about that / W of wall time.",
         ]
+    resumed = [
+        (r["cell"], r["attacks"]["resumed_prompts"]) for r in res if (r.get("attacks") or {}).get("resumed_prompts")
+    ]
+    if resumed:
+        n = len(spec.attacks.names) * spec.attacks.n_prompts if spec.attacks is not None else 0
+        lines += [
+            "",
+            "Attacks resumed after an interruption: their time counts only the part after it (prompts done "
+            "before, of " + str(n) + "): " + ", ".join(f"{c} ({k})" for c, k in resumed) + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
