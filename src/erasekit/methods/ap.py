@@ -50,6 +50,11 @@ at the operating point on the miniature than the preset's ``trained`` sampler (3
 81.1 vs 71.6, ESR-1 95.6 vs 96.9; ESR-3 lower, 66.7 vs 78.5; about twice the steps to the target;
 ``bench/results/ap_concept_pool``).
 
+Which differences make the ``authors`` preset erase: on the miniature's Table 1 (split 0), ``paper``
+reaches test ESR-1 6.4%. Setting one option to the ``authors`` value gives 81.6% (``negative_guidance``),
+63.6% (``zt_producer``) or 30.0% (``loss_space``), and none reaches the 95% target alone
+(``bench/results/ap_paper_ablation``).
+
 Details of the ``authors`` preset, and where it is not the code line by line:
 
 * The loop: their ``i``-th of ``2 x iterations`` iterations is a descent when ``i`` is even, an
