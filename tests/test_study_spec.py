@@ -245,3 +245,13 @@ def test_documented_study_commands_and_flags_exist():
         known = {s for p in cmd.params for s in (*p.opts, *p.secondary_opts)}
         flags = {a.split("=")[0] for a in args if a.startswith("-")}
         assert flags <= known, (ln, flags - known)
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "bench" / "studies").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_study_specs_load(path):
+    """Every spec under bench/studies/ passes the checks a run makes before its first cell."""
+    spec = load_spec(path)
+    assert spec.methods and spec.concepts
