@@ -52,7 +52,8 @@ at the operating point on the miniature than the preset's ``trained`` sampler (3
 
 Which differences make the ``authors`` preset erase: on the miniature's Table 1 (split 0), ``paper``
 reaches test ESR-1 6.4%. Setting one option to the ``authors`` value gives 81.6% (``negative_guidance``),
-63.6% (``zt_producer``) or 30.0% (``loss_space``), and none reaches the 95% target alone
+63.6% (``zt_producer``) or 30.0% (``loss_space``), and none reaches the 95% target alone.
+``negative_guidance`` and ``zt_producer`` together reach it with the paper's search: 100.0%
 (``bench/results/ap_paper_ablation``).
 
 Details of the ``authors`` preset, and where it is not the code line by line:
