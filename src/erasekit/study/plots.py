@@ -22,7 +22,7 @@ from erasekit.analysis.plots import PALETTE, to_png
 from erasekit.io import atomic_path
 from erasekit.study.spec import StudySpec
 from erasekit.study.stats import mean_interval
-from erasekit.study.tables import LABEL, curves, tidy
+from erasekit.study.tables import LABEL, curves, group_rows, tidy
 
 
 def colours(n: int) -> list[str]:
@@ -80,16 +80,15 @@ def asr_bars(spec: StudySpec, study_dir: Path) -> bytes | None:
     colour = colours(len(names))
     methods = [m.label for m in spec.methods]
     fig = Figure(figsize=(5.0 * len(concepts) + 1.6, 0.9 + 0.42 * len(methods)))
+    grouped = group_rows(rows, "concept", "method", "metric")
     for p, concept in enumerate(concepts):
         ax = fig.add_subplot(1, len(concepts), p + 1)
-        shown = [m for m in methods if any(r["concept"] == concept and r["method"] == m for r in rows)]
+        shown = [m for m in methods if any(key[:2] == (concept, m) for key in grouped)]
         step = 0.7 / max(1, len(names))
         for j, n in enumerate(names):
             ys, xs, lo, hi = [], [], [], []
             for i, m in enumerate(shown):
-                st = mean_interval(
-                    [r for r in rows if r["concept"] == concept and r["method"] == m and r["metric"] == n]
-                )
+                st = mean_interval(grouped.get((concept, m, n), []))
                 if not st["cells"]:
                     continue
                 x = 100 * st["mean"]

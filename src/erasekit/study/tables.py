@@ -119,7 +119,8 @@ def _pct(s: dict[str, Any]) -> str:
     return f"{100 * s['mean']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _by(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+def group_rows(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    """``rows`` grouped by the values of ``keys`` (a tuple per group), each group in the rows' order."""
     out: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         out.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -156,7 +157,7 @@ def markdown(spec: StudySpec, study_dir: Path) -> str:
             "| Method | " + " | ".join(LABEL[m] for m in present) + " | reached | operating point | cells |",
             "|---|" + "---|" * len(present) + "---|---|---|",
         ]
-        grouped = _by([r for r in rows if r["metric"] in present], "method", "metric")
+        grouped = group_rows([r for r in rows if r["metric"] in present], "method", "metric")
         for m in methods:
             mres = [r for r in res if r["method"] == m]
             if not mres:
@@ -194,7 +195,7 @@ def markdown(spec: StudySpec, study_dir: Path) -> str:
                 "| Method | pre-attack | " + " | ".join(at.names) + " |",
                 "|---|---|" + "---|" * len(at.names),
             ]
-            g = _by(crow, "method", "metric")
+            g = group_rows(crow, "method", "metric")
             for m in methods:
                 if (m, "pre_attack") not in g:
                     continue
@@ -211,7 +212,7 @@ def _rates(
     grouped: dict[tuple, list[dict[str, Any]]], method: str, metrics: list[str], by: str | None = None
 ) -> list[str]:
     """The table cells of ``method``: each metric's mean and 95% interval over its rows in ``grouped``
-    (``_by(rows, "method", "metric")``), :func:`mean_interval` with ``by``."""
+    (``group_rows(rows, "method", "metric")``), :func:`mean_interval` with ``by``."""
     return [_pct(mean_interval(grouped.get((method, k), []), by=by)) for k in metrics]
 
 
@@ -219,7 +220,7 @@ def _seed_tables(rows: list[dict[str, Any]], methods: list[str], present: list[s
     """One table per concept set trained with several seeds: each method's mean over that set's seeds
     (the training-seed spread; a deterministic method has one cell there)."""
     lines: list[str] = []
-    seeds_of = _by(rows, "concept")
+    seeds_of = group_rows(rows, "concept")
     for (concept,), crows in seeds_of.items():
         if len({r["seed"] for r in crows}) < 2:
             continue
@@ -231,7 +232,7 @@ def _seed_tables(rows: list[dict[str, Any]], methods: list[str], present: list[s
             "| Method | " + " | ".join(LABEL[m] for m in present) + " | seeds |",
             "|---|" + "---|" * len(present) + "---|",
         ]
-        grouped = _by([r for r in crows if r["metric"] in present], "method", "metric")
+        grouped = group_rows([r for r in crows if r["metric"] in present], "method", "metric")
         for m in methods:
             mrows = [r for r in crows if r["method"] == m]
             if not mrows:
@@ -302,8 +303,8 @@ def timing(spec: StudySpec, study_dir: Path) -> str:
     resumed = [
         (r["cell"], r["attacks"]["resumed_prompts"]) for r in res if (r.get("attacks") or {}).get("resumed_prompts")
     ]
-    if resumed:
-        n = len(spec.attacks.names) * spec.attacks.n_prompts if spec.attacks is not None else 0
+    if resumed and spec.attacks is not None:  # only an attacked study has attack results
+        n = len(spec.attacks.names) * spec.attacks.n_prompts
         lines += [
             "",
             "Attacks resumed after an interruption: their time counts only the part after it (prompts done "
